@@ -1,0 +1,199 @@
+"""MGDA-UB: MGDA on gradients w.r.t. the shared representation.
+
+For an encoder ``Z = g(X; theta_sh)`` and task heads ``L_t(Z; theta_t)``, the
+chain rule bounds the MGDA objective (Sener & Koltun 2018, Eq. 5-6):
+
+.. math::
+
+  \\Big\\|\\sum_t \\alpha_t \\nabla_{\\theta_{sh}} L_t\\Big\\|^2
+  \\le \\Big\\|\\frac{\\partial Z}{\\partial \\theta_{sh}}\\Big\\|^2
+  \\Big\\|\\sum_t \\alpha_t \\nabla_Z L_t\\Big\\|^2 ,
+
+so MGDA-UB solves the min-norm problem on ``nabla_Z L_t`` (the full ``[B,
+...]`` tensor per task, not its batch sum) and needs one backward pass through
+the encoder: the combined cotangent ``sum_t alpha_t nabla_Z L_t`` is pulled
+back once. Task heads get their own gradients, unscaled (Algorithm 2).
+
+:func:`representation_grads` does the forward pass: ``jax.vjp`` at ``Z``,
+the heads' VJP ``vmap``-ed over one-hot cotangents (cheap: heads only), and
+keeps the encoder's VJP for :func:`mgda_ub` to apply.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mgda_jax._src import gram as gram_lib
+from mgda_jax._src import mgda as mgda_lib
+from mgda_jax._src import min_norm
+from mgda_jax._src import normalizers as norm_lib
+
+
+class RepresentationGrads(NamedTuple):
+  """Input of :func:`mgda_ub`: everything needed after the forward pass.
+
+  A pytree (the pullback is a ``jax.tree_util.Partial`` over the encoder's
+  VJP), so it can cross ``jax.jit`` boundaries.
+
+  Attributes:
+    rep_grads: per-task gradients w.r.t. the representation ``Z``: a pytree
+      shaped like ``Z`` whose leaves have a leading task axis, ``[K, B, ...]``.
+    pullback: maps a cotangent shaped like ``Z`` to gradients shaped like the
+      parameters (the encoder's VJP; zero for parameters it does not use).
+    head_grads: gradients shaped like the parameters of ``sum_t L_t`` through
+      the heads only, i.e. each task-specific parameter's own task gradient
+      (zero for parameters the heads do not use).
+  """
+
+  rep_grads: Any
+  pullback: Callable[[Any], Any]
+  head_grads: Any
+
+
+def _first(vjp_fn, cotangent):
+  return vjp_fn(cotangent)[0]
+
+
+def representation_grads(encoder_fn: Callable[..., Any],
+                         heads_fn: Callable[..., Any], params, *args,
+                         has_aux: bool = False):
+  """One forward pass, per-task gradients at ``Z``, and the encoder's VJP.
+
+  Args:
+    encoder_fn: ``encoder_fn(params, *args) -> Z`` (any pytree of arrays).
+      It should read only the shared parameters.
+    heads_fn: ``heads_fn(params, Z, *args) -> losses`` with ``losses`` of
+      shape ``(K,)`` (or ``(losses, aux)`` with ``has_aux``). It should read
+      only task-specific parameters; any parameter it reads gets the
+      unweighted sum of the task gradients.
+    params: the parameters (any pytree), passed whole to both functions.
+    *args: the batch, PRNG keys, ... passed to both functions.
+    has_aux: whether ``heads_fn`` returns ``(losses, aux)``.
+
+  Returns:
+    ``(losses, grads)``, or ``((losses, aux), grads)`` with ``has_aux``, where
+    ``grads`` is a :class:`RepresentationGrads` for :func:`mgda_ub`.
+
+  Raises:
+    ValueError: if the losses are not a vector of at least one task.
+  """
+  z, enc_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
+
+  def heads(z, p):
+    return heads_fn(p, z, *args)
+
+  if has_aux:
+    losses, heads_vjp, aux = jax.vjp(heads, z, params, has_aux=True)
+  else:
+    losses, heads_vjp = jax.vjp(heads, z, params)
+  if jnp.ndim(losses) != 1 or jnp.shape(losses)[0] == 0:
+    raise ValueError('heads_fn must return a vector of K >= 1 task losses; '
+                     f'got shape {jnp.shape(losses)}.')
+  k = jnp.shape(losses)[0]
+  eye = jnp.eye(k, dtype=losses.dtype)
+  # K cheap backward passes through the heads only, one per task.
+  rep_grads = jax.vmap(lambda e: heads_vjp(e)[0])(eye)
+  head_grads = heads_vjp(jnp.ones((k,), losses.dtype))[1]
+  grads = RepresentationGrads(
+      rep_grads=rep_grads,
+      pullback=jax.tree_util.Partial(_first, enc_vjp),
+      head_grads=head_grads)
+  return ((losses, aux), grads) if has_aux else (losses, grads)
+
+
+def mgda_ub(
+    num_tasks: int,
+    *,
+    normalizer: str = 'none',
+    max_steps: int | None = None,
+    tol: float | None = None,
+    method: str = 'pairwise',
+) -> optax.GradientTransformationExtraArgs:
+  """MGDA-UB: the min-norm solve on representation gradients, one pullback.
+
+  The input ``updates`` is a :class:`RepresentationGrads` (from
+  :func:`representation_grads`). The update:
+
+  1. ``G = gram_matrix(rep_grads)`` over the whole ``[B, ...]`` tensor of
+     each task, normalised as asked;
+  2. ``alpha = min_norm_element(G).weights`` (stopped gradient);
+  3. the cotangent ``sum_t alpha_t nabla_Z L_t`` (raw gradients) is pulled
+     back through the encoder once;
+  4. plus ``head_grads``: each task head's own gradient, unscaled.
+
+  The output is shaped like the parameters, ready for the next transform in
+  an ``optax.chain``. Non-finite representation gradients give NaN weights
+  and a NaN update, with ``state.info.result == SolverResult.NONFINITE``. To
+  skip such steps wrap the transforms that follow in ``optax.apply_if_finite``
+  (it cannot wrap ``mgda_ub`` itself, whose input is not parameter-shaped):
+  ``optax.chain(mgda_ub(K), optax.apply_if_finite(optax.sgd(lr), 10))``.
+
+  Args:
+    num_tasks: ``K``, a static int (under ``optax.inject_hyperparams`` list it
+      in ``static_args``).
+    normalizer: ``'none'`` (the paper's choice for MultiMNIST), ``'l2'``,
+      ``'loss'`` or ``'loss+'``; the loss normalisers need ``losses=``.
+    max_steps: solver iteration cap (``None``: the dtype's default).
+    tol: solver relative tolerance (``None``: the dtype's default).
+    method: Frank-Wolfe variant, see :func:`mgda_jax.min_norm_element`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with state :class:`MGDAState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import mgda_jax
+    >>> params = {'enc': jnp.ones((3, 4)), 'heads': jnp.ones((2, 4))}
+    >>> x = jnp.arange(6.0).reshape(2, 3) / 6
+    >>> encode = lambda p, x: jnp.tanh(x @ p['enc'])            # Z: (B, 4)
+    >>> heads = lambda p, z, x: jnp.mean((z @ p['heads'].T - 1) ** 2, 0)
+    >>> tx = optax.chain(mgda_jax.mgda_ub(2), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> losses, grads = mgda_jax.representation_grads(encode, heads, params, x)
+    >>> updates, state = tx.update(grads, state, params, losses=losses)
+    >>> jax.tree.map(jnp.shape, updates)
+    {'enc': (3, 4), 'heads': (2, 4)}
+
+  References:
+    Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*,
+    NeurIPS 2018, https://arxiv.org/abs/1810.04650 (Section 3.3, Algorithm 2).
+  """
+  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'mgda_ub')
+  norm_lib.check_normalizer(normalizer)
+  if method not in min_norm.METHODS:
+    raise ValueError(f'Unknown method {method!r}; expected one of '
+                     f'{min_norm.METHODS}.')
+
+  def init_fn(params):
+    dtype = optax.tree.dtype(params, 'highest') if jax.tree.leaves(
+        params) else jnp.float32
+    dtype = jnp.promote_types(dtype, jnp.float32)
+    return mgda_lib.MGDAState(count=jnp.zeros((), jnp.int32),
+                              info=mgda_lib.init_info(num_tasks, dtype))
+
+  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
+    del params, extra_args
+    if not isinstance(updates, RepresentationGrads):
+      raise ValueError(
+          'mgda_ub expects a RepresentationGrads (from '
+          'mgda_jax.representation_grads) as its input updates; got '
+          f'{type(updates).__name__}. For gradients w.r.t. the parameters '
+          'use mgda_jax.mgda.')
+    k = gram_lib.num_tasks(updates.rep_grads, 'rep_grads')
+    if k != num_tasks:
+      raise ValueError(f'mgda_ub was built for num_tasks={num_tasks} but the '
+                       f'representation gradients have a leading axis of {k}.')
+    gram = gram_lib.gram_matrix(updates.rep_grads)
+    info = mgda_lib.solve_weights(gram, normalizer=normalizer, losses=losses,
+                                  max_steps=max_steps, tol=tol, method=method,
+                                  dtype=state.info.weights.dtype)
+    weights = jax.lax.stop_gradient(info.weights)
+    cotangent = mgda_lib.combine(weights, updates.rep_grads)
+    encoder_grads = updates.pullback(cotangent)
+    new_updates = jax.tree.map(jnp.add, encoder_grads, updates.head_grads)
+    return new_updates, mgda_lib.MGDAState(
+        count=optax.safe_increment(state.count), info=info)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
