@@ -279,3 +279,30 @@ def test_mgda_bad_input():
     mgda_jax.mgda(K, shared={'encoder': True}).update(
         jax.jacrev(all_losses)(params, x, y), mgda_jax.mgda(K).init(params),
         params)
+
+
+def test_per_task_z_gives_the_same_gradients_in_one_backward_pass():
+  params, (x, y) = make_problem(4)
+
+  def heads_per_task(params, zs, x, y):  # zs: (K, B, 5); head t reads zs[t]
+    del x
+    p = params['heads']
+    pred = jnp.einsum('kbd,kdo->kbo', zs, p['w']) + p['b'][:, None]
+    return jnp.mean(jnp.sum((pred - y) ** 2, -1), -1)
+
+  losses, ref = mgda_jax.representation_grads(encode, heads, params, x, y)
+  losses2, fast = mgda_jax.representation_grads(encode, heads_per_task,
+                                                params, x, y, per_task_z=K)
+  np.testing.assert_allclose(losses2, losses, rtol=1e-6)
+  z = encode(params, x, y)
+  dz = jax.jacrev(lambda z: heads(params, z, x, y))(z)
+  np.testing.assert_allclose(fast.rep_grads, dz, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(fast.head_grads, ref.head_grads, rtol=1e-5,
+                              atol=1e-6)
+  # (rep_grads and head_grads are all mgda_ub reads besides the pullback,
+  # which both paths share, so the updates agree up to the solver's
+  # tolerance.)
+  with pytest.raises(ValueError, match='per_task_z=3 but heads_fn returned 2'):
+    mgda_jax.representation_grads(
+        encode, lambda p, zs, x, y: heads_per_task(p, zs, x, y)[:2], params,
+        x, y, per_task_z=K)

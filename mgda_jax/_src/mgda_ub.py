@@ -58,7 +58,8 @@ def _first(vjp_fn, cotangent):
 
 def representation_grads(encoder_fn: Callable[..., Any],
                          heads_fn: Callable[..., Any], params, *args,
-                         has_aux: bool = False):
+                         has_aux: bool = False,
+                         per_task_z: int | None = None):
   """One forward pass, per-task gradients at ``Z``, and the encoder's VJP.
 
   Args:
@@ -71,6 +72,16 @@ def representation_grads(encoder_fn: Callable[..., Any],
     params: the parameters (any pytree), passed whole to both functions.
     *args: the batch, PRNG keys, ... passed to both functions.
     has_aux: whether ``heads_fn`` returns ``(losses, aux)``.
+    per_task_z: ``K``, to call ``heads_fn`` with ``Z`` replicated on a
+      leading task axis (every leaf ``(K, *leaf.shape)``), head ``t`` reading
+      only its own copy ``[t]``. Then a single backward pass of ``sum_t L_t``
+      through the heads yields every ``dL_t/dZ`` at once (the gradient w.r.t.
+      copy ``t`` is ``dL_t/dZ``). With ``None`` (the default, which needs no
+      cooperation from ``heads_fn``) the heads' VJP is ``vmap``-ed over ``K``
+      one-hot cotangents, and each of those ``K`` backward passes runs
+      through all ``K`` heads: ``K^2`` head backward passes, which dominates
+      the step for many small heads (e.g. 40; see ``BENCHMARKS.md``). A head
+      that reads another task's copy makes the result wrong, silently.
 
   Returns:
     ``(losses, grads)``, or ``((losses, aux), grads)`` with ``has_aux``, where
@@ -81,21 +92,35 @@ def representation_grads(encoder_fn: Callable[..., Any],
   """
   z, enc_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
 
+  if per_task_z is not None:
+    z_arg = jax.tree.map(
+        lambda l: jnp.broadcast_to(l, (per_task_z,) + jnp.shape(l)), z)
+  else:
+    z_arg = z
+
   def heads(z, p):
     return heads_fn(p, z, *args)
 
   if has_aux:
-    losses, heads_vjp, aux = jax.vjp(heads, z, params, has_aux=True)
+    losses, heads_vjp, aux = jax.vjp(heads, z_arg, params, has_aux=True)
   else:
-    losses, heads_vjp = jax.vjp(heads, z, params)
+    losses, heads_vjp = jax.vjp(heads, z_arg, params)
   if jnp.ndim(losses) != 1 or jnp.shape(losses)[0] == 0:
     raise ValueError('heads_fn must return a vector of K >= 1 task losses; '
                      f'got shape {jnp.shape(losses)}.')
   k = jnp.shape(losses)[0]
-  eye = jnp.eye(k, dtype=losses.dtype)
-  # K cheap backward passes through the heads only, one per task.
-  rep_grads = jax.vmap(lambda e: heads_vjp(e)[0])(eye)
-  head_grads = heads_vjp(jnp.ones((k,), losses.dtype))[1]
+  ones = jnp.ones((k,), losses.dtype)
+  if per_task_z is not None:
+    if per_task_z != k:
+      raise ValueError(f'per_task_z={per_task_z} but heads_fn returned {k} '
+                       'losses.')
+    # One backward pass: the gradient w.r.t. copy t is dL_t/dZ.
+    rep_grads, head_grads = heads_vjp(ones)
+  else:
+    # K backward passes through the heads, one per task.
+    eye = jnp.eye(k, dtype=losses.dtype)
+    rep_grads = jax.vmap(lambda e: heads_vjp(e)[0])(eye)
+    head_grads = heads_vjp(ones)[1]
   grads = RepresentationGrads(
       rep_grads=rep_grads,
       pullback=jax.tree_util.Partial(_first, enc_vjp),

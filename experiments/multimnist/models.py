@@ -1,0 +1,139 @@
+"""MultiLeNet, the MultiMNIST network of Sener & Koltun (2018), in Flax NNX.
+
+Encoder: conv 1->10 (5x5), max-pool 2, ReLU; conv 10->20 (5x5), channel
+dropout 0.5, max-pool 2, ReLU; flatten to 320; dense 320->50, ReLU.
+Each head: dense 50->50, ReLU, dropout 0.5, dense 50->C; log-softmax, NLL.
+
+The K heads are one module with stacked parameters, applied with one einsum
+(no Python loop over tasks in the traced step, and independent dropout masks
+per head). Inputs are NHWC, ``(B, 28, 28, 1)``.
+"""
+
+from typing import Callable, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool, stride 2, by reshape and max (NHWC, even H and W).
+
+  On XLA:CPU the gradient of ``lax.reduce_window`` max-pooling is a slow
+  select-and-scatter; this form differentiates into cheap elementwise ops
+  (see ``benchmarks/bench_step.py --pool``).
+  """
+  b, h, w, c = x.shape
+  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def max_pool_2x2_reduce_window(x: jax.Array) -> jax.Array:
+  """The same pooling with ``lax.reduce_window`` (for comparison)."""
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                               (1, 2, 2, 1), 'VALID')
+
+
+class Encoder(nnx.Module):
+  """The shared LeNet trunk: ``(B, 28, 28, 1) -> (B, 50)``."""
+
+  def __init__(self, *, rngs: nnx.Rngs,
+               pool: Callable[[jax.Array], jax.Array] = max_pool_2x2,
+               rep_dim: int = 50):
+    self.conv1 = nnx.Conv(1, 10, (5, 5), padding='VALID', rngs=rngs)
+    self.conv2 = nnx.Conv(10, 20, (5, 5), padding='VALID', rngs=rngs)
+    # Channel dropout (PyTorch's Dropout2d): one mask per (example, channel).
+    self.dropout = nnx.Dropout(0.5, broadcast_dims=(1, 2))
+    self.fc = nnx.Linear(320, rep_dim, rngs=rngs)
+    self.pool = pool
+
+  def __call__(self, x, *, key=None, train: bool = False):
+    x = jax.nn.relu(self.pool(self.conv1(x)))
+    x = self.conv2(x)
+    x = self.dropout(x, deterministic=not train, rngs=key)
+    x = jax.nn.relu(self.pool(x))
+    x = x.reshape(x.shape[0], -1)
+    return jax.nn.relu(self.fc(x))
+
+
+class StackedHeads(nnx.Module):
+  """K task heads, dense 50->50, ReLU, dropout 0.5, dense 50->C, stacked."""
+
+  def __init__(self, num_tasks: int, num_classes: int, *, rngs: nnx.Rngs,
+               width: int = 50, hidden: int = 50):
+    init = nnx.initializers.lecun_normal()
+    self.w1 = nnx.Param(init(rngs.params(), (num_tasks, width, hidden)))
+    self.b1 = nnx.Param(jnp.zeros((num_tasks, hidden)))
+    self.w2 = nnx.Param(init(rngs.params(), (num_tasks, hidden, num_classes)))
+    self.b2 = nnx.Param(jnp.zeros((num_tasks, num_classes)))
+    self.dropout = nnx.Dropout(0.5)
+
+  def __call__(self, z, *, key=None, train: bool = False):
+    """``(B, width)`` or per-task ``(K, B, width)`` -> ``(K, B, C)`` logits.
+
+    With a per-task input, head ``t`` reads only ``z[t]`` (for
+    ``mgda_jax.representation_grads(..., per_task_z=K)``).
+    """
+    w1 = self.w1[...]
+    k, width, hidden = w1.shape
+    if z.ndim == 3:
+      h = jnp.einsum('kbd,kdh->kbh', z, w1)
+    else:
+      # One GEMM for all heads: (B, width) @ (width, K * hidden).
+      h = (z @ w1.transpose(1, 0, 2).reshape(width, k * hidden)).reshape(
+          z.shape[0], k, hidden).transpose(1, 0, 2)
+    h = jax.nn.relu(h + self.b1[...][:, None])
+    h = self.dropout(h, deterministic=not train, rngs=key)
+    return jnp.einsum('kbh,khc->kbc', h, self.w2[...]) + self.b2[...][:, None]
+
+
+class MultiLeNet(nnx.Module):
+  """Shared encoder and K heads; ``task_names`` label the heads.
+
+  ``rep_dim`` (50 in the paper) is the width of the representation Z.
+  """
+
+  def __init__(self, task_names: Sequence[str] = ('left', 'right'),
+               num_classes: int = 10, *, rngs: nnx.Rngs,
+               pool: Callable[[jax.Array], jax.Array] = max_pool_2x2,
+               rep_dim: int = 50):
+    self.task_names = tuple(task_names)
+    self.encoder = Encoder(rngs=rngs, pool=pool, rep_dim=rep_dim)
+    self.heads = StackedHeads(len(self.task_names), num_classes, rngs=rngs,
+                              width=rep_dim)
+
+  def __call__(self, x, *, key=None, train: bool = False):
+    k_enc, k_heads = (None, None) if key is None else jax.random.split(key)
+    z = self.encoder(x, key=k_enc, train=train)
+    return self.heads(z, key=k_heads, train=train)
+
+
+def nll_per_task(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean negative log-likelihood per task: ``(K, B, C), (B, K) -> (K,)``."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, labels.T[..., None], axis=-1)[..., 0]
+  return -jnp.mean(picked, axis=1)
+
+
+def functional(model: MultiLeNet):
+  """Pure functions of ``params`` for the library's helpers.
+
+  Returns:
+    ``(graphdef, params, encode, task_losses)`` with
+    ``encode(params, x, labels, key) -> Z`` and
+    ``task_losses(params, z, x, labels, key) -> (losses (K,), logits)``.
+    The same ``key`` gives the encoder and the heads independent streams.
+  """
+  graphdef, params = nnx.split(model)
+
+  def encode(params, x, labels, key):
+    del labels
+    m = nnx.merge(graphdef, params)
+    return m.encoder(x, key=jax.random.fold_in(key, 0), train=True)
+
+  def task_losses(params, z, x, labels, key):
+    del x
+    m = nnx.merge(graphdef, params)
+    logits = m.heads(z, key=jax.random.fold_in(key, 1), train=True)
+    return nll_per_task(logits, labels), logits
+
+  return graphdef, params, encode, task_losses

@@ -1,0 +1,68 @@
+"""Tests of the MultiMNIST network (Flax NNX) used by experiments/benchmarks."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.multimnist import models
+
+
+def test_multilenet_matches_the_paper_architecture():
+  model = models.MultiLeNet(('left', 'right'), 10, rngs=nnx.Rngs(0))
+  _, params = nnx.split(model)
+  sizes = jax.tree.map(lambda p: p.size, params)
+  enc = sizes['encoder']
+  # conv 1->10 5x5, conv 10->20 5x5, dense 320->50 (weights + biases).
+  assert enc['conv1']['kernel'] + enc['conv1']['bias'] == 5 * 5 * 10 + 10
+  assert enc['conv2']['kernel'] + enc['conv2']['bias'] == 5 * 5 * 10 * 20 + 20
+  assert enc['fc']['kernel'] + enc['fc']['bias'] == 320 * 50 + 50
+  # Two heads: dense 50->50, dense 50->10.
+  assert sum(jax.tree.leaves(sizes['heads'])) == 2 * (50 * 50 + 50 + 50 * 10
+                                                       + 10)
+  logits = model(jnp.zeros((3, 28, 28, 1)))
+  assert logits.shape == (2, 3, 10)
+
+
+def test_reshape_pooling_equals_reduce_window_with_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  np.testing.assert_array_equal(models.max_pool_2x2(x),
+                                models.max_pool_2x2_reduce_window(x))
+  g1 = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2))(x)
+  g2 = jax.grad(lambda x: jnp.sum(models.max_pool_2x2_reduce_window(x) ** 2))(
+      x)
+  np.testing.assert_allclose(g1, g2, rtol=1e-6)
+
+
+def test_stacked_heads_per_task_input_equals_shared_input():
+  heads = models.StackedHeads(4, 3, rngs=nnx.Rngs(1))
+  z = jax.random.normal(jax.random.key(2), (5, 50))
+  key = jax.random.key(3)
+  shared = heads(z, key=key, train=True)
+  per_task = heads(jnp.broadcast_to(z, (4, 5, 50)), key=key, train=True)
+  np.testing.assert_allclose(per_task, shared, rtol=1e-5, atol=1e-6)
+  # Head t is the dense net of its own parameters.
+  h = jax.nn.relu(z @ heads.w1[...][2] + heads.b1[...][2])
+  np.testing.assert_allclose(heads(z)[2], h @ heads.w2[...][2]
+                             + heads.b2[...][2], rtol=1e-5, atol=1e-6)
+
+
+def test_nll_per_task():
+  logits = jax.random.normal(jax.random.key(4), (2, 6, 10))
+  labels = jnp.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 0], [1, 1]])
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  expected = [-np.mean([logp[t, b, labels[b, t]] for b in range(6)])
+              for t in range(2)]
+  np.testing.assert_allclose(models.nll_per_task(logits, labels), expected,
+                             rtol=1e-6)
+
+
+def test_dropout_is_channelwise_in_the_encoder():
+  enc = models.Encoder(rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(5), (2, 12, 12, 10))
+  out = enc.dropout(x, deterministic=False, rngs=jax.random.key(6))
+  zero = np.asarray(out == 0)
+  # A dropped channel is zero at every spatial position.
+  per_channel = zero.reshape(2, -1, 10)
+  assert np.all(per_channel.all(1) == per_channel.any(1))
+  assert 0 < per_channel.all(1).mean() < 1
