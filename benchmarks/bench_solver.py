@@ -5,12 +5,12 @@ for K = 40 and for each problem family:
 
 * the time of one jitted solve, and the time per problem of a vmapped batch
   of 4096 solves, and of a Python loop of single jitted solves;
-* the same per-problem times of two baselines measured in the same run: a
-  plain numpy Python loop of the projected-gradient solver of Sener & Koltun's
-  code (written here from its description: best-pair start, projected
-  gradient step, Eq. 4 line search, stop when ``sum |alpha change| < 1e-5`` or
-  after 250 iterations), and the exact host QP solver ``quadprog`` (optional:
-  ``pip install quadprog``);
+* the same per-problem times of baselines measured in the same run: the
+  projected-gradient solver of Sener & Koltun's code, written here from its
+  description (best-pair start, projected gradient step, Eq. 4 line search,
+  stop when ``sum |alpha change| < 1e-5`` or after 250 iterations), once with
+  numpy-vectorised iterations and once in plain Python loops; and the exact
+  host QP solver ``quadprog`` (optional: ``pip install quadprog``);
 * the accuracy of each: the excess of ``alpha^T G alpha`` over the exact
   optimum (from ``tests/qp_reference.py``), relative to the optimum;
 * ratios against the baselines.
@@ -131,6 +131,54 @@ def projected_gradient_numpy(g, max_iter=250, stop_crit=1e-5):
   return alpha
 
 
+def projected_gradient_python(g, max_iter=250, stop_crit=1e-5):
+  """The same solver in plain Python loops (lists, no numpy vectorisation).
+
+  Every matrix-vector product and quadratic form is a double loop over task
+  pairs, as in a direct transcription of the algorithm.
+  """
+  k = len(g)
+  g = [list(map(float, row)) for row in g]
+
+  def matvec(a):
+    return [sum(g[i][j] * a[j] for j in range(k)) for i in range(k)]
+
+  def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+  best, alpha = float('inf'), None
+  for i in range(k):
+    for j in range(i + 1, k):
+      gam = _two_point(g[i][i], g[i][j], g[j][j])
+      cost = (gam * gam * g[i][i] + 2 * gam * (1 - gam) * g[i][j]
+              + (1 - gam) ** 2 * g[j][j])
+      if cost < best:
+        best = cost
+        alpha = [0.0] * k
+        alpha[i], alpha[j] = gam, 1 - gam
+  for _ in range(max_iter):
+    grad = [-x for x in matvec(alpha)]
+    mean = sum(grad) / k
+    proj = [x - mean for x in grad]
+    ratios = [-a / p for a, p in zip(alpha, proj) if p < 0]
+    ratios += [(1 - a) / p for a, p in zip(alpha, proj) if p > 0]
+    ratios = [r for r in ratios if r > 1e-7]
+    t = min([1.0] + ratios)
+    candidate = list(_project_simplex(np.array(
+        [a + t * p for a, p in zip(alpha, proj)])))
+    g_alpha = matvec(alpha)
+    v1v1 = dot(alpha, g_alpha)
+    v1v2 = dot(candidate, g_alpha)
+    v2v2 = dot(candidate, matvec(candidate))
+    gam = _two_point(v1v1, v1v2, v2v2)
+    new = [gam * a + (1 - gam) * c for a, c in zip(alpha, candidate)]
+    change = sum(abs(x - y) for x, y in zip(new, alpha))
+    alpha = new
+    if change < stop_crit:
+      break
+  return np.array(alpha)
+
+
 def quadprog_solve(g):
   """Exact host QP (dual active set, compiled C). Needs a PD matrix."""
   k = g.shape[0]
@@ -183,12 +231,12 @@ def _fmt_us(seconds):
 
 
 def bench_family(family, k, batch, repeats, method_kwargs=None, label=None,
-                 baselines=True):
+                 baselines=True, loop=True, accuracy=True):
   """Times and accuracies for one family. Returns a dict of figures."""
   method_kwargs = method_kwargs or {}
   grams64 = make_grams(family, batch, k)
   grams = jnp.asarray(grams64, jnp.float32)
-  fstar = _reference(family, k, grams64)
+  fstar = _reference(family, k, grams64) if accuracy else None
 
   solve = jax.jit(lambda g: mgda_jax.min_norm_element(g, **method_kwargs))
   vsolve = jax.jit(jax.vmap(lambda g: mgda_jax.min_norm_element(
@@ -201,15 +249,17 @@ def bench_family(family, k, batch, repeats, method_kwargs=None, label=None,
   n_single = min(batch, 256)
   out['single'] = _median_time(
       lambda: jax.block_until_ready(solve(grams[0])), repeats * 20)
-  t_loop = _median_time(lambda: [jax.block_until_ready(solve(grams[i]))
-                                 for i in range(n_single)], max(repeats // 2,
-                                                                1))
-  out['loop_per_problem'] = t_loop / n_single
+  if loop:
+    t_loop = _median_time(lambda: [jax.block_until_ready(solve(grams[i]))
+                                   for i in range(n_single)],
+                          max(repeats // 2, 1))
+    out['loop_per_problem'] = t_loop / n_single
   out['vmap_per_problem'] = _median_time(
       lambda: jax.block_until_ready(vsolve(grams)), repeats) / batch
-  exc = _excess(grams64, sols.weights, fstar)
-  out['excess_median'] = float(np.median(exc))
-  out['excess_max'] = float(np.max(exc))
+  if accuracy:
+    exc = _excess(grams64, sols.weights, fstar)
+    out['excess_median'] = float(np.median(exc))
+    out['excess_max'] = float(np.max(exc))
   out['steps_mean'] = float(np.mean(sols.num_steps))
   out['steps_max'] = int(np.max(sols.num_steps))
   out['converged'] = float(np.mean(sols.converged))
@@ -224,6 +274,15 @@ def bench_family(family, k, batch, repeats, method_kwargs=None, label=None,
     exc_pg = _excess(grams64, w_pg, fstar[:n_base])
     out['pg_excess_median'] = float(np.median(exc_pg))
     out['pg_excess_max'] = float(np.max(exc_pg))
+    n_py = 8
+    t_py = _median_time(lambda: [projected_gradient_python(grams64[i])
+                                 for i in range(n_py)], 1)
+    out['py_per_problem'] = t_py / n_py
+    w_py = np.stack([projected_gradient_python(grams64[i])
+                     for i in range(n_py)])
+    exc_py = _excess(grams64, w_py, fstar[:n_py])
+    out['py_excess_median'] = float(np.median(exc_py))
+    out['py_excess_max'] = float(np.max(exc_py))
     if quadprog is not None:
       n_qp = N_REFERENCE
       t_qp = _median_time(lambda: [quadprog_solve(grams64[i])
@@ -247,8 +306,11 @@ def print_family(r):
            None, None),
           ('mgda_jax vmap, batch of 4096', r['vmap_per_problem'], None, None)]
   if 'pg_per_problem' in r:
-    rows.append(('numpy projected gradient (paper), loop', r['pg_per_problem'],
+    rows.append(('projected gradient, numpy-vectorised', r['pg_per_problem'],
                  r['pg_excess_median'], r['pg_excess_max']))
+    rows.append(('projected gradient, plain Python loops',
+                 r['py_per_problem'], r['py_excess_median'],
+                 r['py_excess_max']))
   if 'qp_per_problem' in r:
     rows.append(('quadprog (exact, float64), loop', r['qp_per_problem'],
                  r['qp_excess_median'], r['qp_excess_max']))
@@ -259,10 +321,11 @@ def print_family(r):
   v = r['vmap_per_problem']
   print('  ratios (baseline time / mgda_jax vmap time per problem):')
   if 'pg_per_problem' in r:
-    print(f"    numpy projected gradient : {r['pg_per_problem'] / v:10.0f}x")
+    print(f"    projected gradient, numpy   : {r['pg_per_problem'] / v:8.0f}x")
+    print(f"    projected gradient, Python  : {r['py_per_problem'] / v:8.0f}x")
   if 'qp_per_problem' in r:
-    print(f"    quadprog                 : {r['qp_per_problem'] / v:10.1f}x")
-  print(f"    loop of jitted solves    : {r['loop_per_problem'] / v:10.1f}x")
+    print(f"    quadprog                    : {r['qp_per_problem'] / v:8.1f}x")
+  print(f"    loop of jitted solves       : {r['loop_per_problem'] / v:8.1f}x")
 
 
 def main(argv=None):
@@ -274,14 +337,17 @@ def main(argv=None):
                       help='also compare the Frank-Wolfe variants')
   parser.add_argument('--scaling', action='store_true',
                       help='also report cost against K')
+  parser.add_argument('--only-scaling', action='store_true',
+                      help='skip the K=40 comparison')
   args = parser.parse_args(argv)
 
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} '
         f'({jax.devices()[0].device_kind}); {platform.processor() or ""} '
         f'{os.cpu_count()} CPUs; quadprog '
         f"{'available' if quadprog else 'not installed'}")
-  for family in args.families.split(','):
-    print_family(bench_family(family, 40, args.batch, args.repeats))
+  if not args.only_scaling:
+    for family in args.families.split(','):
+      print_family(bench_family(family, 40, args.batch, args.repeats))
 
   if args.variants:
     print('\n== Frank-Wolfe variants, K=40, vmapped batch (float32) ==')
@@ -300,21 +366,22 @@ def main(argv=None):
     for family in args.families.split(','):
       for label, kw in variants:
         r = bench_family(family, 40, args.batch, args.repeats, kw, label,
-                         baselines=False)
+                         baselines=False, loop=False)
         print(f"  {family:8s} {label:28s} {_fmt_us(r['vmap_per_problem'])} "
               f"{r['steps_mean']:7.1f}/{r['steps_max']:<7d} "
               f"{100 * r['converged']:5.1f}% {r['excess_max']:15.1e}")
 
-  if args.scaling:
+  if args.scaling or args.only_scaling:
     print('\n== cost against K, family iid and hard, float32 ==')
     print(f"  {'K':>4s} {'family':8s} {'one solve':>13s} "
           f"{'vmap/problem':>13s} {'steps mean':>10s}")
     for k in (2, 10, 40, 100, 256):
       for family in ('iid', 'hard'):
         batch = max(16, min(args.batch, 2 ** 22 // (k * k)))
-        r = bench_family(family, k, batch, args.repeats, baselines=False)
+        r = bench_family(family, k, batch, args.repeats, baselines=False,
+                         loop=False, accuracy=False)
         print(f"  {k:4d} {family:8s} {_fmt_us(r['single'])} "
-              f"{_fmt_us(r['vmap_per_problem'])} {r['steps_mean']:10.1f}")
+              f"{r['vmap_per_problem'] * 1e6:10.2f} us {r['steps_mean']:10.1f}")
 
 
 if __name__ == '__main__':

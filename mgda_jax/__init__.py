@@ -4,6 +4,13 @@ The public API; everything else lives in ``mgda_jax._src`` and may change.
 """
 
 from mgda_jax._src.gram import gram_matrix
+from mgda_jax._src.loss_weighting import fixed_weighting
+from mgda_jax._src.loss_weighting import gradnorm
+from mgda_jax._src.loss_weighting import GradNormState
+from mgda_jax._src.loss_weighting import uncertainty_weighting
+from mgda_jax._src.loss_weighting import UncertaintyState
+from mgda_jax._src.loss_weighting import uniform_weighting
+from mgda_jax._src.loss_weighting import WeightingState
 from mgda_jax._src.mgda import mgda
 from mgda_jax._src.mgda import mgda_weights
 from mgda_jax._src.mgda import MGDAState
@@ -25,6 +32,9 @@ __version__ = '0.1.0'
 __all__ = (
     'default_max_steps',
     'default_tol',
+    'fixed_weighting',
+    'gradnorm',
+    'GradNormState',
     'gradient_normalizers',
     'gram_matrix',
     'mgda',
@@ -39,4 +49,8 @@ __all__ = (
     'representation_grads',
     'RepresentationGrads',
     'SolverResult',
+    'uncertainty_weighting',
+    'UncertaintyState',
+    'uniform_weighting',
+    'WeightingState',
 )

@@ -45,15 +45,39 @@ class RepresentationGrads(NamedTuple):
     head_grads: gradients shaped like the parameters of ``sum_t L_t`` through
       the heads only, i.e. each task-specific parameter's own task gradient
       (zero for parameters the heads do not use).
+    heads_pullback: maps loss weights ``w`` (shape ``(K,)``) to ``(sum_t w_t
+      dL_t/dZ, sum_t w_t dL_t/dtheta_heads)``: the heads' VJP, for methods
+      that weight the losses (see :meth:`weighted_grads`).
+
+  Inside one ``jax.jit`` program, whatever a transform does not read (e.g.
+  ``rep_grads`` for a pure loss weighting) is never computed.
   """
 
   rep_grads: Any
   pullback: Callable[[Any], Any]
   head_grads: Any
+  heads_pullback: Callable[[Any], Any]
+
+  def weighted_grads(self, weights):
+    """Gradient of ``sum_t weights[t] * L_t`` w.r.t. all the parameters.
+
+    One backward pass through the heads and one through the encoder.
+    """
+    z_cotangent, head_grads = self.heads_pullback(weights)
+    return jax.tree.map(jnp.add, self.pullback(z_cotangent), head_grads)
 
 
 def _first(vjp_fn, cotangent):
   return vjp_fn(cotangent)[0]
+
+
+def _heads_pullback_shared(heads_vjp, weights):
+  return heads_vjp(weights)
+
+
+def _heads_pullback_per_task(heads_vjp, weights):
+  z_copies, head_grads = heads_vjp(weights)
+  return jax.tree.map(lambda c: jnp.sum(c, axis=0), z_copies), head_grads
 
 
 def representation_grads(encoder_fn: Callable[..., Any],
@@ -124,7 +148,10 @@ def representation_grads(encoder_fn: Callable[..., Any],
   grads = RepresentationGrads(
       rep_grads=rep_grads,
       pullback=jax.tree_util.Partial(_first, enc_vjp),
-      head_grads=head_grads)
+      head_grads=head_grads,
+      heads_pullback=jax.tree_util.Partial(
+          _heads_pullback_shared if per_task_z is None
+          else _heads_pullback_per_task, heads_vjp))
   return ((losses, aux), grads) if has_aux else (losses, grads)
 
 

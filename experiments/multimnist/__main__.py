@@ -1,0 +1,5 @@
+"""``python -m experiments.multimnist``: see ``main.py``."""
+
+from experiments.multimnist import main
+
+main.main()
