@@ -60,6 +60,24 @@ def check_num_tasks(num_tasks, factory: str) -> int:
   return num_tasks
 
 
+def check_options(factory: str, num_tasks, normalizer: str,
+                  method: str) -> int:
+  """Validates a transform's static options; returns ``num_tasks`` as int."""
+  num_tasks = check_num_tasks(num_tasks, factory)
+  norm_lib.check_normalizer(normalizer)
+  min_norm.check_method(method)
+  return num_tasks
+
+
+def init_state(num_tasks: int, params) -> MGDAState:
+  """The initial :class:`MGDAState`; diagnostics in the params' float dtype."""
+  dtype = optax.tree.dtype(params, 'highest') if jax.tree.leaves(
+      params) else jnp.float32
+  return MGDAState(count=jnp.zeros((), jnp.int32),
+                   info=init_info(num_tasks,
+                                  jnp.promote_types(dtype, jnp.float32)))
+
+
 def init_info(num_tasks: int, dtype=jnp.float32) -> min_norm.MinNormSolution:
   """Diagnostics placeholder before the first solve."""
   return min_norm.MinNormSolution(
@@ -190,18 +208,10 @@ def mgda(
     Desideri, *Multiple-gradient descent algorithm (MGDA) for multiobjective
     optimization*, Comptes Rendus Mathematique 350, 2012.
   """
-  num_tasks = check_num_tasks(num_tasks, 'mgda')
-  norm_lib.check_normalizer(normalizer)
-  if method not in min_norm.METHODS:
-    raise ValueError(f'Unknown method {method!r}; expected one of '
-                     f'{min_norm.METHODS}.')
+  num_tasks = check_options('mgda', num_tasks, normalizer, method)
 
   def init_fn(params):
-    dtype = optax.tree.dtype(params, 'highest') if jax.tree.leaves(
-        params) else jnp.float32
-    dtype = jnp.promote_types(dtype, jnp.float32)
-    return MGDAState(count=jnp.zeros((), jnp.int32),
-                     info=init_info(num_tasks, dtype))
+    return init_state(num_tasks, params)
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args

@@ -27,8 +27,6 @@ import optax
 
 from mgda_jax._src import gram as gram_lib
 from mgda_jax._src import mgda as mgda_lib
-from mgda_jax._src import min_norm
-from mgda_jax._src import normalizers as norm_lib
 
 
 class RepresentationGrads(NamedTuple):
@@ -212,18 +210,10 @@ def mgda_ub(
     Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*,
     NeurIPS 2018, https://arxiv.org/abs/1810.04650 (Section 3.3, Algorithm 2).
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'mgda_ub')
-  norm_lib.check_normalizer(normalizer)
-  if method not in min_norm.METHODS:
-    raise ValueError(f'Unknown method {method!r}; expected one of '
-                     f'{min_norm.METHODS}.')
+  num_tasks = mgda_lib.check_options('mgda_ub', num_tasks, normalizer, method)
 
   def init_fn(params):
-    dtype = optax.tree.dtype(params, 'highest') if jax.tree.leaves(
-        params) else jnp.float32
-    dtype = jnp.promote_types(dtype, jnp.float32)
-    return mgda_lib.MGDAState(count=jnp.zeros((), jnp.int32),
-                              info=mgda_lib.init_info(num_tasks, dtype))
+    return mgda_lib.init_state(num_tasks, params)
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del params, extra_args

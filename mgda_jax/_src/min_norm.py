@@ -101,6 +101,12 @@ from mgda_jax._src import dtypes
 METHODS = ('pairwise', 'away_steps', 'frank_wolfe')
 
 
+def check_method(method: str) -> None:
+  """Raises ValueError for an unknown Frank-Wolfe variant."""
+  if method not in METHODS:
+    raise ValueError(f'Unknown method {method!r}; expected one of {METHODS}.')
+
+
 class SolverResult(enum.IntEnum):
   """Result codes of :func:`min_norm_element`, stored as int32 arrays.
 
@@ -547,8 +553,7 @@ def min_norm_element(
   if k == 0:
     raise ValueError('min_norm_element needs at least one task; got a (0, 0) '
                      'Gram matrix.')
-  if method not in METHODS:
-    raise ValueError(f'Unknown method {method!r}; expected one of {METHODS}.')
+  check_method(method)
   dtype = dtypes.solve_dtype(gram.dtype)
   gram = gram.astype(dtype)
   gram = 0.5 * (gram + gram.T)
