@@ -195,6 +195,34 @@ def test_training_learns_the_fake_digits(data, tmp_path):
   assert result['test_acc_left'] > 0.5 and result['test_acc_right'] > 0.3
 
 
+def test_nonfinite_data_is_rejected(data, tmp_path):
+  images = data.train.images.copy()
+  images[3] = np.nan
+  bad = ip.MultiMnist(ip.Split(images, data.train.labels), data.val, data.test)
+  config = test_config.get_config(method='mgda_ub', epochs=1)
+  with pytest.raises(ValueError, match='train images hold non-finite'):
+    train.train_and_evaluate(config, str(tmp_path), bad, log=lambda _: None)
+
+
+@pytest.mark.parametrize('method', ['uniform', 'mgda_ub'])
+def test_nonfinite_steps_are_skipped_by_the_method_chain(method):
+  config = test_config.get_config(method=method)
+  tx, _, _ = train.make_method(config, 2)
+  params = {'w': np.ones(3, np.float32)}
+  state = tx.init(params)
+  good = {'w': np.ones((2, 3), np.float32)}
+  bad = {'w': np.array([[1.0, np.nan, 1.0], [1.0, 1.0, 1.0]], np.float32)}
+  if method == 'mgda_ub':  # per-task gradients through the same pullback
+    import mgda_jax  # pylint: disable=g-import-not-at-top
+    as_rep = lambda g: mgda_jax.representation_grads(
+        lambda p: p['w'], lambda p, z: z @ g['w'].T, params)[1]
+    good, bad = as_rep(good), as_rep(bad)
+  upd, state = tx.update(bad, state, params, losses=np.ones(2, np.float32))
+  np.testing.assert_array_equal(upd['w'], 0.0)  # skipped
+  upd, state = tx.update(good, state, params, losses=np.ones(2, np.float32))
+  assert np.all(np.isfinite(upd['w'])) and np.any(upd['w'] != 0)
+
+
 def test_resume_loses_nothing(data, tmp_path):
   straight = str(tmp_path / 'straight')
   resumed = str(tmp_path / 'resumed')

@@ -128,7 +128,8 @@ def write_table(results, methods, seeds, epochs, path, note):
       'the epoch with the best mean validation accuracy, mean ± std over '
       f'seeds {list(seeds)}, beside Sener & Koltun (2018), Table 2.',
       '',
-      f'**Epochs: {epochs}** per run (the paper trained 100). {note}',
+      f'**Epochs: {epochs}** per run (the paper trained 100).'
+      + (f' {note}' if note else ''),
       '',
       f'Machine: {platform.machine()}, {os.cpu_count()} CPUs, '
       f'{jax.devices()[0].platform}; jax {jax.__version__}.',
@@ -141,7 +142,8 @@ def write_table(results, methods, seeds, epochs, path, note):
     rs = [results[(method, s)] for s in seeds]
     left = 100 * np.array([r['test_acc_left'] for r in rs])
     right = 100 * np.array([r['test_acc_right'] for r in rs])
-    paper = PAPER.get(method, ('–', '–'))
+    paper = [f'{p:.2f}' for p in PAPER[method]] if method in PAPER else [
+        '–', '–']
     sec = np.median([r['seconds_per_epoch'] for r in rs])
     lines.append(
         f'| {LABELS[method]} | {left.mean():.2f} ± {left.std():.2f} | '

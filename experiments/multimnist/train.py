@@ -48,7 +48,12 @@ def make_method(config: default_config.Config, num_tasks: int):
     weightings) or ``'parameters'`` (K backward passes; full MGDA), and
     ``diagnostics(opt_state)`` returns ``(weights, gap, steps)``.
   """
-  sgd = optax.sgd(config.learning_rate, momentum=config.momentum)
+  # A step whose update is not finite (NaN/inf loss or gradients) is skipped,
+  # not applied; it is counted in the epoch's metrics ('nonfinite_steps').
+  # After 100 consecutive ones the NaN goes through and the run shows it.
+  sgd = optax.apply_if_finite(
+      optax.sgd(config.learning_rate, momentum=config.momentum),
+      max_consecutive_errors=100)
   nan = jnp.full((), jnp.nan)
   zero = jnp.zeros((), jnp.int32)
   m = config.method
@@ -253,6 +258,12 @@ def train_and_evaluate(config: default_config.Config, workdir: str,
   names = [TASK_NAMES[t] for t in tasks]
   num_tasks = len(tasks)
 
+  for split_name, split in zip(('train', 'val', 'test'), data):
+    if not np.all(np.isfinite(split.images)):
+      # Checked here because the network would not show it: XLA's max (in
+      # ReLU and pooling) drops NaNs, so a bad image trains as a blank one.
+      raise ValueError(f'the {split_name} images hold non-finite values; '
+                       'rebuild the data (delete the MultiMNIST cache).')
   train = data.train
   if config.max_train_examples:
     train = input_pipeline.Split(train.images[:config.max_train_examples],
