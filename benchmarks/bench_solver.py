@@ -267,6 +267,7 @@ def bench_family(family, k, batch, repeats, method_kwargs=None, label=None,
   if baselines:
     def host(name, solver, n, reps):
       """Time a host solver on the first n problems; keep its weights."""
+      n = min(n, len(fstar))
       runs = []
       for _ in range(reps):
         t0 = time.perf_counter()
