@@ -195,6 +195,21 @@ def test_training_learns_the_fake_digits(data, tmp_path):
   assert result['test_acc_left'] > 0.5 and result['test_acc_right'] > 0.3
 
 
+def test_evaluation_counts_every_example(data):
+  config = test_config.get_config(eval_batch_size=64)  # 120 = 2 x 60
+  model = train.models.MultiLeNet(train.TASK_NAMES, 10,
+                                  rngs=train.nnx.Rngs(0))
+  graphdef, params, encode, task_losses = train.models.functional(model)
+  tx, kind, diag = train.make_method(config, 2)
+  _, evaluate = train.make_functions(config, (graphdef, encode, task_losses),
+                                     tx, kind, diag)
+  x, y = data.test.images, data.test.labels
+  _, acc = evaluate(params, x, y)
+  logits = np.asarray(model(x))  # independent: all 120 at once
+  expected = (logits.argmax(-1) == y.T).mean(1)
+  np.testing.assert_allclose(acc, expected, rtol=1e-6)
+
+
 def test_nonfinite_data_is_rejected(data, tmp_path):
   images = data.train.images.copy()
   images[3] = np.nan

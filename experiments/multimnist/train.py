@@ -147,7 +147,8 @@ def make_functions(config, graphdef_and_fns, tx, grad_kind, diagnostics):
     """Mean NLL and accuracy per task, dropout off, in fixed-size batches."""
     graphdef = graphdef_and_fns[0]
     n = images.shape[0]
-    b = config.eval_batch_size
+    # A batch size dividing n, so that no example is left out.
+    b = _largest_divisor_at_most(n, config.eval_batch_size)
     nb = n // b
 
     def body(_, xs):
