@@ -35,7 +35,7 @@ test: $(VENV)/.stamp-experiments+test
 
 bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_solver --variants --scaling $(ARGS)
-	$(PY) -m benchmarks.bench_step --pool --scaling
+	$(PY) -m benchmarks.bench_step --pool --scaling --methods
 
 # All methods of the paper's Table 2 over several seeds -> docs/RESULTS.md.
 reproduce-multimnist: $(VENV)/.stamp-experiments

@@ -10,7 +10,10 @@ ratios to uniform weighting (one backward pass of the summed loss):
 * ``--scaling``: MGDA-UB / uniform as K grows (2 ... 256) and as the
   representation Z grows (50 ... 800 wide);
 * ``--pool``: the uniform step with reshape-and-max pooling against
-  ``lax.reduce_window`` pooling.
+  ``lax.reduce_window`` pooling;
+* ``--methods``: every gradient method of the library (MGDA-UB's input:
+  per-task gradients at Z, one pullback) at K = 2, 10 and 40, as a ratio to
+  uniform weighting timed in the same rotation.
 
 Run with ``make bench`` or ``python -m benchmarks.bench_step``.
 """
@@ -28,6 +31,23 @@ import optax
 
 from experiments.multimnist import models
 import mgda_jax
+
+
+# Every gradient method, on representation gradients (the MGDA-UB input).
+GRADIENT_METHODS = {
+    'mgda_ub (library)': lambda k: mgda_jax.mgda_ub(k),
+    'gradnorm': lambda k: mgda_jax.gradnorm(k),
+    'grad-norm normalisation': mgda_jax.gradient_normalization,
+    'pcgrad': lambda k: mgda_jax.pcgrad(k, key=0),
+    'graddrop': lambda k: mgda_jax.graddrop(k, key=0),
+    'gradvac': lambda k: mgda_jax.gradvac(k, key=0),
+    'cagrad': lambda k: mgda_jax.cagrad(k, c=0.4),
+    'imtl_g': mgda_jax.imtl_g,
+    'nash_mtl': mgda_jax.nash_mtl,
+    'aligned_mtl': mgda_jax.aligned_mtl,
+    'upgrad': mgda_jax.upgrad,
+    'dualproj': mgda_jax.dualproj,
+}
 
 
 def make_steps(num_tasks, num_classes, batch=256, rep_dim=50,
@@ -48,6 +68,20 @@ def make_steps(num_tasks, num_classes, batch=256, rep_dim=50,
     return task_losses(params, z, x, labels, key)
 
   steps = {}
+  for name in which:
+    if name in GRADIENT_METHODS:
+      tx_g = optax.chain(GRADIENT_METHODS[name](num_tasks), sgd)
+
+      def method_step(params, opt_state, x, labels, key, tx_g=tx_g):
+        (losses, logits), grads = mgda_jax.representation_grads(
+            encode, task_losses, params, x, labels, key, has_aux=True,
+            per_task_z=num_tasks)
+        kpis = jnp.mean(jnp.argmax(logits, -1) == labels.T, axis=1)
+        updates, opt_state = tx_g.update(grads, opt_state, params,
+                                         losses=losses, kpis=kpis)
+        return optax.apply_updates(params, updates), opt_state, losses
+
+      steps[name] = (jax.jit(method_step), tx_g.init(params))
   if 'uniform' in which:
     tx_u = sgd
 
@@ -121,10 +155,35 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=30)
   parser.add_argument('--scaling', action='store_true')
   parser.add_argument('--pool', action='store_true')
+  parser.add_argument('--methods', action='store_true')
+  parser.add_argument('--only-methods', action='store_true')
   args = parser.parse_args(argv)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} '
         f'({jax.devices()[0].device_kind}); {platform.processor() or ""} '
         f'{os.cpu_count()} CPUs; batch 256, MultiLeNet')
+
+  if args.methods or args.only_methods:
+    print('\n== every gradient method, step time / uniform (same rotation; '
+          'heads 50->50->10 at K=2, 50->50->2 above) ==')
+    names = ['mgda', *GRADIENT_METHODS]
+    print(f"  {'method':24s} " + ' '.join(f'{f"K={k}":>8s}'
+                                          for k in (2, 10, 40)))
+    table = {}
+    uniform_ms = {}
+    for k in (2, 10, 40):
+      t = time_steps(*make_steps(k, 10 if k == 2 else 2,
+                                 which=('uniform', *names)),
+                     max(args.repeats // 3, 8))
+      uniform_ms[k] = t['uniform'] * 1e3
+      for name in names:
+        table.setdefault(name, {})[k] = t[name] / t['uniform']
+    print(f"  {'uniform (ms)':24s} " + ' '.join(
+        f'{uniform_ms[k]:8.2f}' for k in (2, 10, 40)))
+    for name in names:
+      print(f'  {name:24s} ' + ' '.join(f'{table[name][k]:8.2f}'
+                                        for k in (2, 10, 40)))
+    if args.only_methods:
+      return
 
   print('\n== training step, ratios to uniform weighting (same run) ==')
   print(f"  {'K':>3s} {'uniform':>11s} {'MGDA-UB':>11s} {'MGDA':>11s} "

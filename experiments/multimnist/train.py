@@ -39,13 +39,60 @@ TASK_NAMES = ('left', 'right')
 # Methods
 
 
-def make_method(config: default_config.Config, num_tasks: int):
+def _gradient_methods(config, k, seed):
+  """The Gram-matrix gradient methods, by name (they see per-task grads)."""
+  return {
+      'pcgrad': lambda: mgda_jax.pcgrad(k, key=seed),
+      'graddrop': lambda: mgda_jax.graddrop(k, key=seed),
+      'gradvac': lambda: mgda_jax.gradvac(k, beta=config.gradvac_beta,
+                                          key=seed),
+      'cagrad': lambda: mgda_jax.cagrad(k, c=config.cagrad_c),
+      'imtl_g': lambda: mgda_jax.imtl_g(k),
+      'nash_mtl': lambda: mgda_jax.nash_mtl(k),
+      'aligned_mtl': lambda: mgda_jax.aligned_mtl(k),
+      'upgrad': lambda: mgda_jax.upgrad(k),
+      'dualproj': lambda: mgda_jax.dualproj(k),
+      'gradient_normalization': lambda: mgda_jax.gradient_normalization(k),
+  }
+
+
+def _loss_methods(config, k, seed, steps_per_epoch):
+  """The loss weightings, by name (they see the losses, or KPIs)."""
+  return {
+      'uniform': lambda: mgda_jax.uniform_weighting(k),
+      'single_task': lambda: mgda_jax.uniform_weighting(k),
+      'initial_loss': lambda: mgda_jax.initial_loss_weighting(k),
+      # MultiMNIST's ten classes are balanced: the prior is log 10 for both
+      # digits (the class frequencies of the training labels).
+      'prior_loss': lambda: mgda_jax.prior_loss_weighting(
+          jnp.full((k,), jnp.log(10.0))),
+      'realtime_loss': lambda: mgda_jax.realtime_loss_weighting(k),
+      'kendall': lambda: mgda_jax.uncertainty_weighting(
+          k, learning_rate=config.kendall_lr, momentum=config.momentum),
+      'gradnorm': lambda: mgda_jax.gradnorm(
+          k, alpha=config.gradnorm_alpha, learning_rate=config.gradnorm_lr),
+      'dwa': lambda: mgda_jax.dwa(k, temperature=config.dwa_temperature,
+                                  steps_per_epoch=steps_per_epoch),
+      'dtp': lambda: mgda_jax.dtp(k, gamma=config.dtp_gamma),
+      'lbtw': lambda: mgda_jax.lbtw(k, alpha=config.lbtw_alpha),
+      'rlw': lambda: mgda_jax.rlw(k, key=seed),
+      'famo': lambda: mgda_jax.famo(k, learning_rate=config.famo_lr,
+                                    weight_decay=config.famo_decay),
+  }
+
+
+def make_method(config: default_config.Config, num_tasks: int,
+                steps_per_epoch: int = 1):
   """The optax transform of a method, and how its gradients are computed.
+
+  Every method but full MGDA reads a :class:`mgda_jax.RepresentationGrads`
+  (one forward pass, per-task gradients at Z, one pullback through the
+  encoder): loss weightings weight the losses, gradient methods combine the
+  gradients at Z and give the heads their own gradients, as MGDA-UB does.
 
   Returns:
     ``(tx, grad_kind, diagnostics)``: ``grad_kind`` is ``'representation'``
-    (one forward pass, per-task gradients at Z; MGDA-UB and the loss
-    weightings) or ``'parameters'`` (K backward passes; full MGDA), and
+    or ``'parameters'`` (K backward passes; full MGDA), and
     ``diagnostics(opt_state)`` returns ``(weights, gap, steps)``.
   """
   # A step whose update is not finite (NaN/inf loss or gradients) is skipped,
@@ -57,13 +104,17 @@ def make_method(config: default_config.Config, num_tasks: int):
   nan = jnp.full((), jnp.nan)
   zero = jnp.zeros((), jnp.int32)
   m = config.method
+  seed = config.seed
 
   def solver_info(state):
     info = state[0].info
     return info.weights, info.gap, info.num_steps
 
   def weights_only(state):
-    return state[0].weights, nan, zero
+    w = getattr(state[0], 'weights', None)
+    if w is None:  # GradDrop has no task weights
+      w = jnp.full((num_tasks,), jnp.nan)
+    return w, nan, zero
 
   if m == 'mgda_ub':
     tx = mgda_jax.mgda_ub(num_tasks, normalizer=config.normalizer)
@@ -73,19 +124,11 @@ def make_method(config: default_config.Config, num_tasks: int):
         lambda path, _: path[0].key == 'encoder', p)
     tx = mgda_jax.mgda(num_tasks, normalizer=config.normalizer, shared=shared)
     return optax.chain(tx, sgd), 'parameters', solver_info
-  if m in ('uniform', 'single_task'):
-    return (optax.chain(mgda_jax.uniform_weighting(num_tasks), sgd),
-            'representation', weights_only)
-  if m == 'kendall':
-    tx = mgda_jax.uncertainty_weighting(num_tasks,
-                                        learning_rate=config.kendall_lr,
-                                        momentum=config.momentum)
-    return optax.chain(tx, sgd), 'representation', weights_only
-  if m == 'gradnorm':
-    tx = mgda_jax.gradnorm(num_tasks, alpha=config.gradnorm_alpha,
-                           learning_rate=config.gradnorm_lr)
-    return optax.chain(tx, sgd), 'representation', weights_only
-  raise ValueError(f'unknown method {m!r}')
+  methods = {**_loss_methods(config, num_tasks, seed, steps_per_epoch),
+             **_gradient_methods(config, num_tasks, seed)}
+  if m not in methods:
+    raise ValueError(f'unknown method {m!r}')
+  return optax.chain(methods[m](), sgd), 'representation', weights_only
 
 
 # ----------------------------------------------------------------------------
@@ -103,13 +146,17 @@ def make_functions(config, graphdef_and_fns, tx, grad_kind, diagnostics):
 
   def train_step(params, opt_state, x, labels, key):
     if grad_kind == 'representation':
-      (losses, _), grads = mgda_jax.representation_grads(
+      losses, grads = mgda_jax.representation_grads(
           encode, task_losses, params, x, labels, key, has_aux=True,
           per_task_z=num_tasks)
     else:
-      (losses, _), grads = mgda_jax.per_task_grads(all_losses, params, x,
-                                                   labels, key, has_aux=True)
-    updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
+      losses, grads = mgda_jax.per_task_grads(all_losses, params, x, labels,
+                                              key, has_aux=True)
+    (losses, logits) = losses
+    # Batch accuracy per task: the KPI of DTP (ignored by other methods).
+    kpis = jnp.mean(jnp.argmax(logits, -1) == labels.T, axis=1)
+    updates, opt_state = tx.update(grads, opt_state, params, losses=losses,
+                                   kpis=kpis)
     params = optax.apply_updates(params, updates)
     weights, gap, steps = diagnostics(opt_state)
     return params, opt_state, (losses, weights, gap, steps)
@@ -286,7 +333,7 @@ def train_and_evaluate(config: default_config.Config, workdir: str,
   model = models.MultiLeNet(names, 10, rngs=nnx.Rngs(
       int(jax.random.randint(init_key, (), 0, 2**31 - 1))))
   graphdef, params, encode, task_losses = models.functional(model)
-  tx, grad_kind, diagnostics = make_method(config, num_tasks)
+  tx, grad_kind, diagnostics = make_method(config, num_tasks, n_batches)
   opt_state = tx.init(params)
   train_chunk, evaluate = make_functions(
       config, (graphdef, encode, task_losses), tx, grad_kind, diagnostics)

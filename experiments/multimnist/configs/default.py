@@ -2,7 +2,12 @@
 
 import dataclasses
 
-METHODS = ('mgda_ub', 'mgda', 'uniform', 'kendall', 'gradnorm', 'single_task')
+# The paper's methods first, then every other method of the library.
+METHODS = ('mgda_ub', 'mgda', 'uniform', 'kendall', 'gradnorm', 'single_task',
+           'initial_loss', 'prior_loss', 'realtime_loss', 'dwa', 'dtp', 'lbtw',
+           'rlw', 'famo', 'gradient_normalization', 'pcgrad', 'graddrop',
+           'gradvac', 'cagrad', 'imtl_g', 'nash_mtl', 'aligned_mtl', 'upgrad',
+           'dualproj')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +31,14 @@ class Config:
   gradnorm_alpha: float = 1.5
   gradnorm_lr: float = 0.025
   kendall_lr: float = 0.05
+  # The other methods' hyperparameters: their papers' defaults.
+  cagrad_c: float = 0.4         # Liu et al. 2021 (their MultiMNIST-style runs)
+  gradvac_beta: float = 0.01    # Wang et al. 2021
+  dwa_temperature: float = 2.0  # Liu et al. 2019
+  dtp_gamma: float = 1.0
+  lbtw_alpha: float = 0.5       # Liu et al. 2019
+  famo_lr: float = 0.025        # Liu et al. 2023 (beta)
+  famo_decay: float = 1e-3      # Liu et al. 2023 (gamma)
   # Data: a folder of MNIST IDX files, or a TFDS data dir (None: default).
   mnist_dir: str | None = None
   tfds_data_dir: str | None = None
