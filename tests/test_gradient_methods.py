@@ -389,7 +389,8 @@ WEIGHT_FNS = {  # gram -> weights, for the representation/parameter check
                                 K), jnp.zeros((K, K)), 0.01)[0],
     'cagrad': lambda g: mgda_jax.cagrad_weights(g, 0.4)[0],
     'imtl_g': mgda_jax.imtl_g_weights,
-    'nash_mtl': lambda g: mgda_jax.nash_mtl_weights(g)[0],
+    'nash_mtl': lambda g: mgda_jax.nash_mtl_weights(g)[0] * jnp.sqrt(
+        jnp.linalg.norm(g)),
     'aligned_mtl': mgda_jax.aligned_mtl_weights,
     'upgrad': lambda g: mgda_jax.upgrad_weights(g)[0],
     'dualproj': lambda g: mgda_jax.dualproj_weights(g)[0],
@@ -509,6 +510,19 @@ def test_methods_reject_a_wrong_number_of_tasks(name):
   tx = mgda_jax.__dict__[name](K + 1)
   with pytest.raises((ValueError, RuntimeError), match='tasks'):
     tx.update(g, tx.init(params), params)
+
+
+def test_nash_mtl_transform_solves_the_normalised_equation():
+  params, (x, y) = make_problem(6)
+  _, g = mgda_jax.per_task_grads(all_losses, params, x, y)
+  jac = np.concatenate([np.asarray(l, np.float64).reshape(K, -1)
+                        for l in jax.tree.leaves(g)], 1)
+  gram = jac @ jac.T
+  for normalize, scale in ((True, np.linalg.norm(gram)), (False, 1.0)):
+    tx = mgda_jax.nash_mtl(K, normalize=normalize)
+    _, s = tx.update(g, tx.init(params), params)
+    a = np.asarray(s.weights, np.float64)
+    np.testing.assert_allclose(gram / scale @ a, 1 / a, rtol=2e-3)
 
 
 def test_cagrad_traces_once():

@@ -127,10 +127,17 @@ class NashMTLState(NamedTuple):
   info: NashMTLInfo
 
 
-def nash_mtl(num_tasks: int, *, max_steps: int = 100,
-             tol: float | None = None,
+def nash_mtl(num_tasks: int, *, normalize: bool = True,
+             max_steps: int = 100, tol: float | None = None,
              shared=None) -> optax.GradientTransformationExtraArgs:
   """Nash-MTL as an optax transform: ``d = sum_t alpha_t g_t``, ``G alpha = 1/alpha``.
+
+  With ``normalize=True`` (the default, as in the authors' code) the
+  equation is solved for ``G / ||G||_F``, i.e. ``alpha`` is the paper's
+  solution times ``sqrt(||G||_F)``: the update then scales like the
+  gradients (``||d||^2 = K ||G||_F``) instead of having the constant norm
+  ``sqrt(K)``, which a fixed learning rate cannot anneal. ``normalize=False``
+  is the paper's equation on the raw Gram matrix.
 
   The reference implementation also clips the update's norm (``max_norm``)
   and may re-solve only every few steps; both are left to the user's optax
@@ -138,6 +145,7 @@ def nash_mtl(num_tasks: int, *, max_steps: int = 100,
 
   Args:
     num_tasks: ``K`` (static).
+    normalize: solve on the Frobenius-normalised Gram matrix (static).
     max_steps: Newton step cap (static).
     tol: tolerance on the squared Newton decrement.
     shared: which per-task-gradient leaves are shared.
@@ -156,6 +164,8 @@ def nash_mtl(num_tasks: int, *, max_steps: int = 100,
   def weight_fn(gram, inner, losses):
     del losses
     alpha, info = nash_mtl_weights(gram, max_steps=max_steps, tol=tol)
+    if normalize:  # the solution for G / ||G||_F
+      alpha = alpha * jnp.sqrt(jnp.sqrt(jnp.sum(gram ** 2)))
     info = jax.tree.map(lambda a, b: a.astype(b.dtype), info, inner.info)
     return alpha, NashMTLState(info)
 
