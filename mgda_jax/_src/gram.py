@@ -88,3 +88,56 @@ def gram_matrix(task_grads) -> jax.Array:
         flat, flat, (((1,), (1,)), ((), ())),
         precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
   return gram
+
+
+def _leaf_varying(leaf) -> frozenset:
+  aval = jax.typeof(leaf)
+  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.9
+  if manual is not None:
+    return frozenset(getattr(manual, 'varying', ()) or ())
+  return frozenset(getattr(aval, 'vma', ()) or ())  # older jax
+
+
+def varying_axes(tree) -> frozenset:
+  """The manual mesh axes (``jax.shard_map``) any leaf of ``tree`` varies over."""
+  axes = set()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    axes |= _leaf_varying(leaf)
+  return frozenset(axes)
+
+
+def untyped_axis(axis_name) -> bool:
+  """Whether ``axis_name`` is a mapped axis whose values carry no varying type.
+
+  True inside ``pmap`` or ``jax.shard_map(..., check_vma=False)``; False in
+  typed ``shard_map`` (where ``axis_index`` itself is typed as varying) and
+  when ``axis_name`` is None.
+  """
+  if axis_name is None:
+    return False
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  return not set(names) <= _leaf_varying(jax.lax.axis_index(axis_name))
+
+
+def sum_over_devices(tree, axis_name, *, legacy: bool):
+  """``psum`` of a per-device quantity over the data-parallel axis.
+
+  Inside ``jax.shard_map`` with its type checks on (the default), a value's
+  type records the axes it varies over, and a gradient w.r.t. replicated
+  parameters comes back already summed (the transpose of the implicit
+  broadcast is a ``psum``): only values that still vary are summed, over
+  exactly those axes (restricted to ``axis_name`` when given). With
+  ``legacy=True`` (``check_vma=False``, or ``pmap``) types say nothing, and
+  everything is summed over ``axis_name``.
+  """
+  if legacy:
+    return jax.lax.psum(tree, axis_name) if axis_name is not None else tree
+
+  def one(leaf):
+    axes = set(_leaf_varying(leaf))
+    if axis_name is not None:
+      names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+      axes &= set(names)
+    return jax.lax.psum(leaf, tuple(sorted(axes))) if axes else leaf
+
+  return jax.tree.map(one, tree)

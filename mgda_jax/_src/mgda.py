@@ -136,6 +136,7 @@ def mgda(
     max_steps: int | None = None,
     tol: float | None = None,
     method: str = 'pairwise',
+    axis_name: str | None = None,
 ) -> aggregating.Aggregator:
   """MGDA: combine per-task gradients along their min-norm convex combination.
 
@@ -178,6 +179,12 @@ def mgda(
     max_steps: solver iteration cap (``None``: the dtype's default).
     tol: solver relative tolerance (``None``: the dtype's default).
     method: Frank-Wolfe variant, see :func:`mgda_jax.min_norm_element`.
+    axis_name: data parallelism inside ``jax.shard_map``: per-device
+      gradients (of each device's share of the global mean losses) are
+      summed before the Gram matrix, so every device solves the global
+      problem. Typed shard_map (the default) needs no ``axis_name``:
+      gradients w.r.t. replicated parameters arrive summed. Required with
+      ``check_vma=False`` or ``pmap``. See :func:`mgda_jax.mgda_ub`.
 
   Returns:
     An ``optax.experimental.aggregating.Aggregator`` (a
@@ -225,6 +232,14 @@ def mgda(
     if not shared_grads:
       raise ValueError('mgda: no parameter is marked shared, so there is '
                        'nothing to solve for; check `shared`.')
+    # Data parallelism: the global per-task gradients are the sums of the
+    # devices' ones (typed shard_map has summed those of replicated params
+    # already); their Gram matrix needs them whole, not a sum of local Grams.
+    legacy = gram_lib.untyped_axis(axis_name)
+    shared_grads = gram_lib.sum_over_devices(shared_grads, axis_name,
+                                             legacy=legacy)
+    if losses is not None:
+      losses = gram_lib.sum_over_devices(losses, axis_name, legacy=legacy)
     gram = gram_lib.gram_matrix(shared_grads)
     info = solve_weights(gram, normalizer=normalizer, losses=losses,
                          max_steps=max_steps, tol=tol, method=method,
@@ -233,6 +248,8 @@ def mgda(
     new_updates = jax.tree.map(
         lambda g, m: combine(weights, g) if m else jnp.sum(g, axis=0),
         updates, mask)
+    new_updates = gram_lib.sum_over_devices(new_updates, axis_name,
+                                            legacy=legacy)
     return new_updates, MGDAState(count=optax.safe_increment(state.count),
                                   info=info)
 

@@ -131,7 +131,9 @@ def representation_grads(encoder_fn: Callable[..., Any],
     raise ValueError('heads_fn must return a vector of K >= 1 task losses; '
                      f'got shape {jnp.shape(losses)}.')
   k = jnp.shape(losses)[0]
-  ones = jnp.ones((k,), losses.dtype)
+  # *_like keeps the losses' type, including its varying manual axes inside
+  # jax.shard_map, which a VJP cotangent must match.
+  ones = jnp.ones_like(losses)
   if per_task_z is not None:
     if per_task_z != k:
       raise ValueError(f'per_task_z={per_task_z} but heads_fn returned {k} '
@@ -140,7 +142,7 @@ def representation_grads(encoder_fn: Callable[..., Any],
     rep_grads, head_grads = heads_vjp(ones)
   else:
     # K backward passes through the heads, one per task.
-    eye = jnp.eye(k, dtype=losses.dtype)
+    eye = jnp.eye(k, dtype=losses.dtype) + jnp.zeros_like(losses)
     rep_grads = jax.vmap(lambda e: heads_vjp(e)[0])(eye)
     head_grads = heads_vjp(ones)[1]
   grads = RepresentationGrads(
@@ -160,6 +162,7 @@ def mgda_ub(
     max_steps: int | None = None,
     tol: float | None = None,
     method: str = 'pairwise',
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MGDA-UB: the min-norm solve on representation gradients, one pullback.
 
@@ -188,6 +191,19 @@ def mgda_ub(
     max_steps: solver iteration cap (``None``: the dtype's default).
     tol: solver relative tolerance (``None``: the dtype's default).
     method: Frank-Wolfe variant, see :func:`mgda_jax.min_norm_element`.
+    axis_name: data parallelism inside ``jax.shard_map``, where each
+      device holds ``rep_grads`` for its shard of the batch. The Gram matrix
+      is ``psum``-med over the devices (the global one: its batch sum splits
+      into per-device blocks), so every device solves the same problem and
+      gets the same ``alpha``. With shard_map's type checks on (the default)
+      this happens without ``axis_name`` (the per-device values' types say
+      which axes they vary over, and gradients w.r.t. replicated parameters
+      come back summed already); ``axis_name`` restricts the sums to that
+      axis, and is required with ``check_vma=False`` or ``pmap``, where the
+      update is ``psum``-med too. Per-device losses should be each device's
+      share of the global mean (local mean / number of devices), so that
+      the sums are the global quantities. Under plain ``jax.jit`` with
+      sharded inputs nothing is needed: XLA inserts the same reductions.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state :class:`MGDAState`.
@@ -228,6 +244,11 @@ def mgda_ub(
       raise ValueError(f'mgda_ub was built for num_tasks={num_tasks} but the '
                        f'representation gradients have a leading axis of {k}.')
     gram = gram_lib.gram_matrix(updates.rep_grads)
+    # Data parallelism: typed shard_map tells which values are per-device.
+    legacy = gram_lib.untyped_axis(axis_name)
+    gram = gram_lib.sum_over_devices(gram, axis_name, legacy=legacy)
+    if losses is not None:
+      losses = gram_lib.sum_over_devices(losses, axis_name, legacy=legacy)
     info = mgda_lib.solve_weights(gram, normalizer=normalizer, losses=losses,
                                   max_steps=max_steps, tol=tol, method=method,
                                   dtype=state.info.weights.dtype)
@@ -235,6 +256,8 @@ def mgda_ub(
     cotangent = mgda_lib.combine(weights, updates.rep_grads)
     encoder_grads = updates.pullback(cotangent)
     new_updates = jax.tree.map(jnp.add, encoder_grads, updates.head_grads)
+    new_updates = gram_lib.sum_over_devices(new_updates, axis_name,
+                                            legacy=legacy)
     return new_updates, mgda_lib.MGDAState(
         count=optax.safe_increment(state.count), info=info)
 

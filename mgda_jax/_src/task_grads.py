@@ -47,6 +47,9 @@ def per_task_grads(loss_fn: Callable[..., Any], params, *args,
   if jnp.ndim(losses) != 1 or jnp.shape(losses)[0] == 0:
     raise ValueError('loss_fn must return a vector of K >= 1 task losses; got '
                      f'shape {jnp.shape(losses)}.')
-  eye = jnp.eye(jnp.shape(losses)[0], dtype=losses.dtype)
+  # + zeros_like: the cotangents take the losses' type, including varying
+  # manual axes inside jax.shard_map.
+  eye = jnp.eye(jnp.shape(losses)[0], dtype=losses.dtype) + jnp.zeros_like(
+      losses)
   grads = jax.vmap(lambda e: vjp(e)[0])(eye)
   return ((losses, aux), grads) if has_aux else (losses, grads)
