@@ -14,7 +14,7 @@ DATA_ARGS := $(if $(MNIST_DIR),--mnist-dir $(MNIST_DIR),)
 EPOCHS ?= 10
 SEEDS ?= 0 1 2
 
-.PHONY: train test bench reproduce-multimnist check-multimnist venv clean
+.PHONY: train test bench bench-peers reproduce-multimnist check-multimnist venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,21 @@ bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_solver --variants --scaling $(ARGS)
 	$(PY) -m benchmarks.bench_step --pool --scaling --methods
 
-# All methods of the paper's Table 2 over several seeds -> docs/RESULTS.md.
+# Against the PyTorch peers (TorchJD, the paper's PyTorch way); not part of
+# the tests. A separate environment: torch pinned to 2.13.0, which installs a
+# CPU build here (an unpinned torch pulls several GB of CUDA packages).
+PEERS ?= .venv-peers
+$(PEERS)/.stamp: pyproject.toml
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet "torch==2.13.0" \
+	  "torchjd[quadprog-projector]" -e ".[experiments,bench]"
+	touch $@
+
+bench-peers: $(PEERS)/.stamp
+	$(PEERS)/bin/python -m benchmarks.bench_peers $(ARGS)
+
+# Every method over several seeds -> docs/RESULTS.md.
 reproduce-multimnist: $(VENV)/.stamp-experiments
 	$(PY) -m experiments.multimnist.reproduce --epochs $(EPOCHS) \
 	  --seeds $(SEEDS) $(DATA_ARGS) $(ARGS)

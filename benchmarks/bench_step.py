@@ -7,8 +7,9 @@ same run (median of repeated steps after compilation), and reported as
 ratios to uniform weighting (one backward pass of the summed loss):
 
 * K = 2 heads (dense 50->50->10), and K = 40 heads (dense 50->50->2);
-* ``--scaling``: MGDA-UB / uniform as K grows (2 ... 256) and as the
-  representation Z grows (50 ... 800 wide);
+* ``--scaling`` (``--only-scaling``): MGDA-UB / uniform as K grows (2 ...
+  256) and as the representation Z grows (50 ... 800 wide), in time and in
+  XLA's temporary memory (``compiled.memory_analysis()``);
 * ``--pool``: the uniform step with reshape-and-max pooling against
   ``lax.reduce_window`` pooling;
 * ``--methods``: every gradient method of the library (MGDA-UB's input:
@@ -124,6 +125,21 @@ def make_steps(num_tasks, num_classes, batch=256, rep_dim=50,
   return steps, params, x, labels
 
 
+def temp_bytes(steps, params, x, labels):
+  """XLA's temporary buffer size of each compiled step (its working memory).
+
+  From ``compiled.memory_analysis()``: the peak of the buffers the program
+  allocates beyond its arguments and outputs, as XLA's buffer assignment
+  computed it (a static figure, the same on every run).
+  """
+  key = jax.random.key(1)
+  out = {}
+  for name, (fn, opt_state) in steps.items():
+    mem = fn.lower(params, opt_state, x, labels, key).compile().memory_analysis()
+    out[name] = getattr(mem, 'temp_size_in_bytes', float('nan'))
+  return out
+
+
 def time_steps(steps, params, x, labels, repeats, block=5):
   """Median seconds per step of each step function.
 
@@ -150,6 +166,53 @@ def time_steps(steps, params, x, labels, repeats, block=5):
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def _main_table(args):
+  print('\n== training step, ratios to uniform weighting (same run) ==')
+  print(f"  {'K':>3s} {'uniform':>11s} {'MGDA-UB':>11s} {'MGDA':>11s} "
+        f"{'UB/unif':>8s} {'MGDA/unif':>9s} {'MGDA/UB':>8s}")
+  for k, c in ((2, 10), (40, 2)):
+    t = time_steps(*make_steps(k, c), args.repeats)
+    print(f"  {k:3d} {t['uniform'] * 1e3:8.2f} ms {t['mgda_ub'] * 1e3:8.2f} ms "
+          f"{t['mgda'] * 1e3:8.2f} ms {t['mgda_ub'] / t['uniform']:8.2f} "
+          f"{t['mgda'] / t['uniform']:9.2f} {t['mgda'] / t['mgda_ub']:8.2f}")
+
+
+def _pool(args):
+  print('\n== pooling layer, uniform step, K=2 ==')
+  t = {}
+  for name, pool in (('reshape+max', models.max_pool_2x2),
+                     ('reduce_window', models.max_pool_2x2_reduce_window)):
+    steps, *rest = make_steps(2, 10, pool=pool, which=('uniform',))
+    t[name] = time_steps(steps, *rest, args.repeats)['uniform']
+    print(f'  {name:14s} {t[name] * 1e3:8.2f} ms')
+  print(f"  reduce_window / reshape+max: "
+        f"{t['reduce_window'] / t['reshape+max']:.2f}")
+
+
+def _scaling(args):
+  print('\n== MGDA-UB / uniform as K grows (heads 50->50->2) ==')
+  for k in (2, 10, 40, 100, 256):
+    built = make_steps(k, 2, which=('uniform', 'mgda_ub'))
+    t = time_steps(*built, args.repeats)
+    mem = temp_bytes(*built)
+    print(f"  K={k:3d}: uniform {t['uniform'] * 1e3:8.2f} ms, MGDA-UB "
+          f"{t['mgda_ub'] * 1e3:8.2f} ms, ratio "
+          f"{t['mgda_ub'] / t['uniform']:.2f}; XLA temp memory uniform "
+          f"{mem['uniform'] / 2**20:7.2f} MiB, MGDA-UB "
+          f"{mem['mgda_ub'] / 2**20:7.2f} MiB "
+          f"({mem['mgda_ub'] / mem['uniform']:.2f}x)")
+  print('\n== MGDA-UB / uniform as the representation grows (K=2) ==')
+  for width in (50, 200, 800):
+    built = make_steps(2, 10, rep_dim=width, which=('uniform', 'mgda_ub'))
+    t = time_steps(*built, args.repeats)
+    mem = temp_bytes(*built)
+    print(f"  |Z| = 256 x {width:3d}: uniform {t['uniform'] * 1e3:8.2f} ms, "
+          f"MGDA-UB {t['mgda_ub'] * 1e3:8.2f} ms, ratio "
+          f"{t['mgda_ub'] / t['uniform']:.2f}; XLA temp memory uniform "
+          f"{mem['uniform'] / 2**20:7.2f} MiB, MGDA-UB "
+          f"{mem['mgda_ub'] / 2**20:7.2f} MiB")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=30)
@@ -157,6 +220,7 @@ def main(argv=None):
   parser.add_argument('--pool', action='store_true')
   parser.add_argument('--methods', action='store_true')
   parser.add_argument('--only-methods', action='store_true')
+  parser.add_argument('--only-scaling', action='store_true')
   args = parser.parse_args(argv)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} '
         f'({jax.devices()[0].device_kind}); {platform.processor() or ""} '
@@ -185,41 +249,12 @@ def main(argv=None):
     if args.only_methods:
       return
 
-  print('\n== training step, ratios to uniform weighting (same run) ==')
-  print(f"  {'K':>3s} {'uniform':>11s} {'MGDA-UB':>11s} {'MGDA':>11s} "
-        f"{'UB/unif':>8s} {'MGDA/unif':>9s} {'MGDA/UB':>8s}")
-  for k, c in ((2, 10), (40, 2)):
-    t = time_steps(*make_steps(k, c), args.repeats)
-    print(f"  {k:3d} {t['uniform'] * 1e3:8.2f} ms {t['mgda_ub'] * 1e3:8.2f} ms "
-          f"{t['mgda'] * 1e3:8.2f} ms {t['mgda_ub'] / t['uniform']:8.2f} "
-          f"{t['mgda'] / t['uniform']:9.2f} {t['mgda'] / t['mgda_ub']:8.2f}")
-
-  if args.pool:
-    print('\n== pooling layer, uniform step, K=2 ==')
-    t = {}
-    for name, pool in (('reshape+max', models.max_pool_2x2),
-                       ('reduce_window', models.max_pool_2x2_reduce_window)):
-      steps, *rest = make_steps(2, 10, pool=pool, which=('uniform',))
-      t[name] = time_steps(steps, *rest, args.repeats)['uniform']
-      print(f'  {name:14s} {t[name] * 1e3:8.2f} ms')
-    print(f"  reduce_window / reshape+max: "
-          f"{t['reduce_window'] / t['reshape+max']:.2f}")
-
-  if args.scaling:
-    print('\n== MGDA-UB / uniform as K grows (heads 50->50->2) ==')
-    for k in (2, 10, 40, 100, 256):
-      t = time_steps(*make_steps(k, 2, which=('uniform', 'mgda_ub')),
-                     args.repeats)
-      print(f"  K={k:3d}: uniform {t['uniform'] * 1e3:8.2f} ms, MGDA-UB "
-            f"{t['mgda_ub'] * 1e3:8.2f} ms, ratio "
-            f"{t['mgda_ub'] / t['uniform']:.2f}")
-    print('\n== MGDA-UB / uniform as the representation grows (K=2) ==')
-    for width in (50, 200, 800):
-      t = time_steps(*make_steps(2, 10, rep_dim=width,
-                                 which=('uniform', 'mgda_ub')), args.repeats)
-      print(f"  |Z| = 256 x {width:3d}: uniform {t['uniform'] * 1e3:8.2f} ms, "
-            f"MGDA-UB {t['mgda_ub'] * 1e3:8.2f} ms, ratio "
-            f"{t['mgda_ub'] / t['uniform']:.2f}")
+  if not args.only_scaling:
+    _main_table(args)
+    if args.pool:
+      _pool(args)
+  if args.scaling or args.only_scaling:
+    _scaling(args)
 
 
 if __name__ == '__main__':

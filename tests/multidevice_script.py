@@ -10,9 +10,10 @@ import json
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8')
-sys.path.insert(0, os.path.dirname(__file__))
+if __name__ == '__main__':  # not when pytest imports it for doctests
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8')
+  sys.path.insert(0, os.path.dirname(__file__))
 
 import chex  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -135,9 +136,39 @@ def main():
       jax.device_put(params, replicated),
       jax.device_put(x, NamedSharding(mesh, P('data'))), ys, s_ub, s_m)
   out['untyped_mgda_ub_update'] = rel(u_ub, ref_ub)
+  out['untyped_mgda_ub_alpha'] = rel(s_ub3[0].info.weights,
+                                     ref_ub_state[0].info.weights)
   out['untyped_mgda_update'] = rel(u_m, ref_m)
   out['untyped_mgda_alpha'] = rel(s_m3[0].info.weights,
                                   ref_m_state[0].info.weights)
+
+  # 1b. Typed shard_map with no axis_name: mgda_ub and a Gram method
+  # (UPGrad) find the per-device values from their types.
+  plain = {'mgda_ub': optax.chain(mgda_jax.mgda_ub(K), sgd),
+           'upgrad': optax.chain(mgda_jax.upgrad(K), sgd)}
+  refs = {}
+  for name, tx in plain.items():
+    refs[name] = tx.update(g, tx.init(params), params, losses=losses)
+
+  def local_plain(params, x, y, states):
+    local_heads = lambda p, z, xx, yy: heads(p, z, xx, yy, 1.0 / N)
+    l, gg = mgda_jax.representation_grads(encode, local_heads, params, x, y)
+    return {n: plain[n].update(gg, states[n], params, losses=l)
+            for n in plain}
+
+  states = jax.device_put({n: tx.init(params) for n, tx in plain.items()},
+                          replicated)
+  got = jax.jit(jax.shard_map(
+      local_plain, mesh=mesh, in_specs=(P(), P('data'), P('data'), P()),
+      out_specs=P()))(jax.device_put(params, replicated),
+                      jax.device_put(x, NamedSharding(mesh, P('data'))), ys,
+                      states)
+  for n in plain:
+    out[f'typed_no_axis_{n}_update'] = rel(got[n][0], refs[n][0])
+  out['typed_no_axis_mgda_ub_alpha'] = rel(got['mgda_ub'][1][0].info.weights,
+                                           refs['mgda_ub'][1][0].info.weights)
+  out['typed_no_axis_upgrad_weights'] = rel(got['upgrad'][1][0].weights,
+                                            refs['upgrad'][1][0].weights)
 
   # 2. jit with sharded inputs: the single-device code, XLA partitions it.
   @jax.jit

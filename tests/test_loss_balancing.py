@@ -186,6 +186,23 @@ def test_famo_update_and_logit_step_match_their_definitions():
   zs = jax.nn.softmax(s1.logits)
   assert zs[0] < zs[1] and np.isclose(zs[1], zs[2])
   np.testing.assert_allclose(np.sum(s1.weights), 1.0, rtol=1e-6)
+  # Step 2, with xi != 0: Adam on J^T delta + decay * xi, in numpy.
+  l2 = l1 * jnp.array([1.0, 0.5, 0.9])
+  _, s2 = step(g, s1, params, l2)
+  lg = lambda l: np.log(np.asarray(l, np.float64) + 1e-8)
+  g1 = grad_xi
+  xi1 = -lr * g1 / (np.abs(g1) + 1e-8)
+  z1 = np.exp(xi1) / np.exp(xi1).sum()
+  g2 = (np.diag(z1) - np.outer(z1, z1)) @ (lg(l1) - lg(l2)) + decay * xi1
+  m = 0.9 * (0.1 * g1) + 0.1 * g2
+  v = 0.999 * (0.001 * g1 ** 2) + 0.001 * g2 ** 2
+  xi2 = xi1 - lr * (m / (1 - 0.9 ** 2)) / (
+      np.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
+  np.testing.assert_allclose(s2.logits, xi2, rtol=1e-4, atol=1e-6)
+  z2 = np.exp(xi2) / np.exp(xi2).sum()
+  w2 = (z2 / np.asarray(l2, np.float64)) / np.sum(z2 / np.asarray(l2,
+                                                                  np.float64))
+  np.testing.assert_allclose(s2.weights, w2, rtol=1e-4)
 
 
 LOSS_METHODS = {

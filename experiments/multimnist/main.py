@@ -30,6 +30,9 @@ def parse_args(argv=None):
   p.add_argument('--seed', type=int, default=d.seed)
   p.add_argument('--data-seed', type=int, default=d.data_seed)
   p.add_argument('--batch-size', type=int, default=d.batch_size)
+  p.add_argument('--devices', type=int, default=d.devices,
+                 help='data parallelism: shard each batch over this many '
+                 'devices (0: all visible devices)')
   p.add_argument('--learning-rate', type=float, default=d.learning_rate)
   p.add_argument('--normalizer', default=d.normalizer,
                  choices=('none', 'l2', 'loss', 'loss+'))
@@ -53,7 +56,8 @@ def main(argv=None):
       data_seed=args.data_seed, batch_size=args.batch_size,
       learning_rate=args.learning_rate, normalizer=args.normalizer,
       gradnorm_alpha=args.gradnorm_alpha, mnist_dir=args.mnist_dir,
-      tfds_data_dir=args.tfds_data_dir, cache_dir=args.cache_dir)
+      tfds_data_dir=args.tfds_data_dir, cache_dir=args.cache_dir,
+      devices=args.devices)
   module = test_config if args.config == 'test' else default
   try:
     config = module.get_config(**overrides)
@@ -64,7 +68,7 @@ def main(argv=None):
                     'workdir': workdir}), flush=True)
   try:
     result = train.train_and_evaluate(config, workdir)
-  except input_pipeline.MnistError as e:
+  except (input_pipeline.MnistError, ValueError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(result), flush=True)
   return result

@@ -141,12 +141,13 @@ def write_plots(results, runs_dir, methods, seeds, out_dir):
 
   fig, ax = plt.subplots(figsize=(9, 7))
   markers = {'baseline': '*', 'loss': 'o', 'gradient': 's'}
-  cmap = plt.get_cmap('tab20')
+  palette = (list(plt.get_cmap('tab20').colors) +
+             list(plt.get_cmap('tab20b').colors))
   for i, method in enumerate(methods):
     pts = 100 * np.array([[results[(method, s)]['test_acc_left'],
                            results[(method, s)]['test_acc_right']]
                           for s in seeds])
-    color = cmap(i % 20) if i < 20 else 'k'
+    color = palette[i % len(palette)]
     ax.scatter(pts[:, 0], pts[:, 1], color=color, alpha=0.35, s=12,
                marker=markers[FAMILY.get(method, 'loss')])
     mean = pts.mean(0)

@@ -52,7 +52,9 @@ def _gradient_methods(config, k, seed):
       'aligned_mtl': lambda: mgda_jax.aligned_mtl(k),
       'upgrad': lambda: mgda_jax.upgrad(k),
       'dualproj': lambda: mgda_jax.dualproj(k),
-      'gradient_normalization': lambda: mgda_jax.gradient_normalization(k),
+      # 'mean': unit weights at Z diverge at this learning rate (README).
+      'gradient_normalization': lambda: mgda_jax.gradient_normalization(
+          k, scale='mean'),
   }
 
 
@@ -135,8 +137,16 @@ def make_method(config: default_config.Config, num_tasks: int,
 # Steps
 
 
-def make_functions(config, graphdef_and_fns, tx, grad_kind, diagnostics):
-  """The jitted chunk of training steps and the evaluation function."""
+def make_functions(config, graphdef_and_fns, tx, grad_kind, diagnostics,
+                   batch_sharding=None):
+  """The jitted chunk of training steps and the evaluation function.
+
+  With ``batch_sharding`` (a ``NamedSharding`` over a ``'data'`` mesh axis)
+  each batch is split over the devices and ``jax.jit`` partitions the step:
+  the per-task gradients at Z stay on their devices, and XLA all-reduces
+  the K x K Gram matrix and the parameter gradients, so every device solves
+  the same problem and the step equals the one-device step.
+  """
   _, encode, task_losses = graphdef_and_fns
   num_tasks = len(config.tasks)
 
@@ -145,6 +155,9 @@ def make_functions(config, graphdef_and_fns, tx, grad_kind, diagnostics):
     return task_losses(params, z, x, labels, key)
 
   def train_step(params, opt_state, x, labels, key):
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
     if grad_kind == 'representation':
       losses, grads = mgda_jax.representation_grads(
           encode, task_losses, params, x, labels, key, has_aux=True,
@@ -284,6 +297,26 @@ def _checkpointer(workdir):
 # The run
 
 
+def _data_parallel(config, log):
+  """The batch sharding for ``config.devices`` > 1 devices, else None."""
+  n = config.devices or jax.device_count()
+  if n == 1:
+    return None
+  if n > jax.device_count():
+    raise ValueError(f'devices={n} but only {jax.device_count()} are '
+                     'visible (on CPU, simulate more with XLA_FLAGS='
+                     '--xla_force_host_platform_device_count=N).')
+  if config.batch_size % n:
+    raise ValueError(f'batch_size={config.batch_size} must be a multiple of '
+                     f'devices={n}.')
+  mesh = jax.make_mesh((n,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+  log(f'data parallel over {n} devices ({jax.devices()[0].platform}): '
+      f'{config.batch_size // n} examples per device per step')
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+
 def _largest_divisor_at_most(n, k):
   return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
 
@@ -335,8 +368,15 @@ def train_and_evaluate(config: default_config.Config, workdir: str,
   graphdef, params, encode, task_losses = models.functional(model)
   tx, grad_kind, diagnostics = make_method(config, num_tasks, n_batches)
   opt_state = tx.init(params)
+  batch_sharding = _data_parallel(config, log)
+  if batch_sharding is not None:  # replicate the parameters and the data
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    params, opt_state, images, labels, splits = jax.device_put(
+        (params, opt_state, images, labels, splits), replicated)
   train_chunk, evaluate = make_functions(
-      config, (graphdef, encode, task_losses), tx, grad_kind, diagnostics)
+      config, (graphdef, encode, task_losses), tx, grad_kind, diagnostics,
+      batch_sharding)
 
   state = {'params': params, 'opt_state': opt_state,
            'epoch': jnp.zeros((), jnp.int32)}

@@ -21,6 +21,13 @@ That makes one transform serve both kinds of input, exactly as
 
 The weights are computed from the stopped Gram matrix and are constants of
 the update (no gradient flows through a method's inner solve).
+
+Data parallelism works as for :func:`mgda_jax.mgda_ub`: under ``jax.jit``
+with a sharded batch nothing is needed, and inside a typed ``jax.shard_map``
+the per-device Gram blocks are summed, so every device gets the same
+weights. (``shard_map(..., check_vma=False)`` and ``pmap`` are supported by
+``mgda``/``mgda_ub`` only, through their ``axis_name``.) Parameters are
+assumed replicated over the mesh.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -130,6 +137,10 @@ def gram_method(
     del extra_args
     check_k(updates, num_tasks, factory)
     gram, mask = task_gram(updates, shared, params, factory)
+    # Inside a typed jax.shard_map, per-device representation gradients give
+    # per-device Gram blocks: sum them, so that every device gets the global
+    # weights (gradients w.r.t. replicated parameters are summed already).
+    gram = gram_lib.sum_over_devices(gram, None, legacy=False)
     gram = jax.lax.stop_gradient(gram)
     if losses is not None:
       losses = jax.lax.stop_gradient(jnp.asarray(losses))

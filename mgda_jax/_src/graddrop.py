@@ -18,9 +18,17 @@ otherwise.
 GradDrop acts on elements, not on the Gram matrix. On a
 :class:`mgda_jax.RepresentationGrads` it acts on the per-task gradients at
 the shared representation ``Z`` (the paper applies it at an activation
-layer), each element of the ``[B, ...]`` tensor separately, and the masked
-cotangent is pulled back through the encoder once; task heads get their own
-gradients. On per-task parameter gradients it acts on every shared leaf.
+layer), and the masked cotangent is pulled back through the encoder once;
+task heads get their own gradients. On per-task parameter gradients it acts
+on every shared leaf.
+
+**A documented difference from the paper's Algorithm 1**: there, the
+gradients at the activation ``A`` are multiplied by ``sign(A)`` and summed
+over the batch before ``P`` is computed, so that ``P`` and ``U`` are one per
+feature, shared by the examples of the batch. Here ``P`` and ``U`` are drawn
+for every element of the ``[B, ...]`` tensor (a
+:class:`mgda_jax.RepresentationGrads` does not carry ``Z``, so ``sign(A)`` is
+not available); TorchJD's GradDrop aggregator does the same.
 """
 
 from typing import NamedTuple

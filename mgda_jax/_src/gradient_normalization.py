@@ -4,7 +4,9 @@
 
   d = \\sum_t \\frac{g_t}{\\operatorname{sg}(\\|g_t\\|)} ,
 
-the gradient of ``sum_t L_t / sg(||grad L_t||)``. Unlike the loss-based
+the gradient of ``sum_t L_t / sg(||grad L_t||)`` on the shared parameters
+(task-specific parameters get their own gradients, unscaled, as with every
+gradient method here). Unlike the loss-based
 weightings it is invariant to both scaling and shifting a task's loss. A
 task with a zero gradient gets weight 0 (its gradient contributes nothing
 either way). Where the input is a :class:`mgda_jax.RepresentationGrads`, the
@@ -19,18 +21,41 @@ from mgda_jax._src import aggregation
 from mgda_jax._src import mgda as mgda_lib
 
 
-def unit_norm_weights(gram):
-  """``1 / ||g_t||`` from the Gram matrix (0 for a zero gradient)."""
+SCALES = ('unit', 'mean')
+
+
+def unit_norm_weights(gram, scale: str = 'unit'):
+  """``1 / ||g_t||`` (or ``mean_s ||g_s|| / ||g_t||``) from the Gram matrix.
+
+  A zero gradient gets weight 0.
+  """
+  if scale not in SCALES:
+    raise ValueError(f'scale must be one of {SCALES}; got {scale!r}.')
   n = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-  return jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+  w = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+  if scale == 'mean':
+    w = w * jnp.mean(n)
+  return w
 
 
-def gradient_normalization(num_tasks: int, *,
+def gradient_normalization(num_tasks: int, *, scale: str = 'unit',
                            shared=None) -> optax.GradientTransformationExtraArgs:
   """Gradient-norm normalisation as an optax transform (module docstring).
 
+  With ``scale='unit'`` every task gradient is scaled to norm 1 (the
+  formula above). With ``scale='mean'`` every task gradient is scaled to the
+  mean of the task gradients' norms, ``w_t = mean_s ||g_s|| / ||g_t||``: the
+  same balance, but the update keeps the size of the gradients, so a
+  learning rate tuned for uniform weighting still fits. That matters where
+  the norms are taken at the representation ``Z``: per-example gradients of
+  a batch-mean loss are small (about ``1/B`` of the loss's scale), unit
+  weights at ``Z`` are correspondingly huge, and the encoder's update is
+  blown up by that factor (MultiMNIST diverges at the paper's learning rate
+  with ``'unit'``; see ``docs/RESULTS.md``).
+
   Args:
     num_tasks: ``K`` (static).
+    scale: ``'unit'`` or ``'mean'`` (static).
     shared: which per-task-gradient leaves are shared.
 
   Returns:
@@ -45,7 +70,8 @@ def gradient_normalization(num_tasks: int, *,
     https://arxiv.org/abs/2004.13379
   """
   num_tasks = mgda_lib.check_num_tasks(num_tasks, 'gradient_normalization')
+  unit_norm_weights(jnp.eye(1), scale)  # validates scale
   return aggregation.gram_method(
       'gradient_normalization', num_tasks,
-      lambda gram, inner, losses: (unit_norm_weights(gram), inner),
+      lambda gram, inner, losses: (unit_norm_weights(gram, scale), inner),
       lambda dtype: (), shared=shared)

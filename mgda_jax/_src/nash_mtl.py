@@ -21,7 +21,11 @@ the cosine matrix ``C = N^-1 G N^-1`` (``N`` the diagonal of gradient norms)
 for ``beta = N alpha``, which satisfies ``C beta = 1/beta``: its conditioning
 does not depend on how the norms are spread. A task with a zero gradient
 cannot satisfy the equation (its row of ``G`` is zero); it gets weight 0
-and the others solve the equation among themselves.
+and the others solve the equation among themselves. Where a non-negative
+combination of gradients vanishes (two opposite gradients) the equation has
+no solution at all; a ridge of ``1e-6`` (float32) or ``1e-10`` (float64) on
+the cosine matrix keeps the solve finite there (the update is then about
+zero) and perturbs ordinary solutions by that relative amount.
 """
 
 from typing import NamedTuple
@@ -78,6 +82,10 @@ def nash_mtl_weights(gram: jax.Array, *, max_steps: int = 100,
   inv_n = jnp.where(live, 1.0 / jnp.where(live, n, 1.0), 0.0)
   g = jnp.where(finite, gram, 0.0) * inv_n[:, None] * inv_n[None, :]
   g = g + jnp.diag(jnp.where(live, 0.0, 1.0))  # zero gradients: beta_t = 1
+  # A ridge keeps a minimiser when a non-negative combination of the
+  # gradients vanishes (e.g. two opposite gradients), where the equation
+  # itself has no solution and Newton's iterates would grow without bound.
+  g = g + (1e-10 if f64 else 1e-6) * jnp.eye(k, dtype=dtype)
   def phi(a):
     return 0.5 * a @ g @ a - jnp.sum(jnp.log(a))
 
@@ -115,7 +123,8 @@ def nash_mtl_weights(gram: jax.Array, *, max_steps: int = 100,
   a0 = jnp.full((k,), 1.0 / jnp.sqrt(k), dtype)
   a, steps, dec = jax.lax.while_loop(cond, body, (a0, 0, newton(a0)[2]))
   residual = jnp.max(jnp.where(live, jnp.abs(a * (g @ a) - 1.0), 0.0))
-  alpha = jnp.where(finite, a * inv_n, jnp.nan)
+  ok = finite & jnp.all(jnp.isfinite(a))
+  alpha = jnp.where(ok, a * inv_n, jnp.where(finite, 0.0, jnp.nan))
   return alpha, NashMTLInfo(jnp.asarray(steps, jnp.int32),
                             jnp.where(finite, residual, jnp.nan),
                             finite & (dec <= tol))
@@ -164,8 +173,11 @@ def nash_mtl(num_tasks: int, *, normalize: bool = True,
   def weight_fn(gram, inner, losses):
     del losses
     alpha, info = nash_mtl_weights(gram, max_steps=max_steps, tol=tol)
-    if normalize:  # the solution for G / ||G||_F
-      alpha = alpha * jnp.sqrt(jnp.sqrt(jnp.sum(gram ** 2)))
+    if normalize:  # the solution for G / ||G||_F (computed without overflow)
+      m = jnp.max(jnp.abs(gram))
+      m = jnp.where(m > 0, m, 1.0)
+      frob = m * jnp.sqrt(jnp.sum((gram / m) ** 2))
+      alpha = alpha * jnp.sqrt(frob)
     info = jax.tree.map(lambda a, b: a.astype(b.dtype), info, inner.info)
     return alpha, NashMTLState(info)
 

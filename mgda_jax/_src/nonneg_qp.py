@@ -131,7 +131,10 @@ def nonneg_qp(gram: jax.Array, linear: jax.Array, *,
   def inner_body(state):
     x, passive, z, n = state
     neg = passive & (z <= 0)
-    ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
+    denom = x - z
+    ratio = jnp.where(neg, jnp.where(denom > 0, x / jnp.where(denom > 0, denom,
+                                                              1.0), 0.0),
+                      jnp.inf)
     a = jnp.clip(jnp.min(ratio), 0.0, 1.0)
     x = x + a * (z - x)
     passive = passive & (x > 0) & ~(neg & (ratio <= a))

@@ -48,6 +48,10 @@ class Config:
   # CPU (XLA:CPU runs this step ~6x slower inside a loop) and 15 elsewhere.
   chunk: int = 0
   eval_batch_size: int = 1000
+  # Data parallelism: shard each batch over this many devices (a 'data' mesh
+  # axis under jax.jit; parameters replicated). 1: one device; 0: all.
+  # The Gram matrix and gradients are the global ones (XLA all-reduces).
+  devices: int = 1
   # Train only these tasks (0: left, 1: right); single_task runs set it.
   tasks: tuple[int, ...] = (0, 1)
   # Stop after this many training examples (0: all); for tests.
@@ -57,6 +61,8 @@ class Config:
     """Raises ValueError for a bad value; returns self."""
     if self.method not in METHODS:
       raise ValueError(f'method must be one of {METHODS}; got {self.method!r}')
+    if self.devices < 0:
+      raise ValueError(f'devices must be >= 0; got {self.devices}')
     if self.chunk < 0:
       raise ValueError(f'chunk must be >= 0; got {self.chunk}')
     for name in ('epochs', 'batch_size', 'eval_batch_size'):
