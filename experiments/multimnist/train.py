@@ -369,11 +369,6 @@ def train_and_evaluate(config: default_config.Config, workdir: str,
   tx, grad_kind, diagnostics = make_method(config, num_tasks, n_batches)
   opt_state = tx.init(params)
   batch_sharding = _data_parallel(config, log)
-  if batch_sharding is not None:  # replicate the parameters and the data
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh,
-                                            jax.sharding.PartitionSpec())
-    params, opt_state, images, labels, splits = jax.device_put(
-        (params, opt_state, images, labels, splits), replicated)
   train_chunk, evaluate = make_functions(
       config, (graphdef, encode, task_losses), tx, grad_kind, diagnostics,
       batch_sharding)
@@ -390,6 +385,11 @@ def train_and_evaluate(config: default_config.Config, workdir: str,
     log(f'resumed from the checkpoint of epoch {start_epoch} in {workdir}')
   logger = Logger(workdir, start_epoch)
   params, opt_state = state['params'], state['opt_state']
+  if batch_sharding is not None:  # replicate the parameters and the data
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    params, opt_state, images, labels, splits = jax.device_put(
+        (params, opt_state, images, labels, splits), replicated)
 
   for epoch in range(start_epoch + 1, config.epochs + 1):
     perm = jax.random.permutation(jax.random.fold_in(data_key, epoch),
