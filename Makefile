@@ -40,7 +40,9 @@ bench: $(VENV)/.stamp-experiments+test+bench
 
 # Against the PyTorch peers (TorchJD, the paper's PyTorch way); not part of
 # the tests. A separate environment: torch pinned to 2.13.0, which installs a
-# CPU build here (an unpinned torch pulls several GB of CUDA packages).
+# CPU build on these machines, whose pip reads local wheel indexes (an
+# unpinned torch pulls several GB of CUDA packages; elsewhere, add
+# --index-url https://download.pytorch.org/whl/cpu for torch).
 PEERS ?= .venv-peers
 $(PEERS)/.stamp: pyproject.toml
 	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
@@ -63,4 +65,4 @@ check-multimnist: $(VENV)/.stamp-experiments
 	$(PY) -m experiments.multimnist.check $(DATA_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS) build *.egg-info

@@ -50,6 +50,7 @@ def main():
         '(ms per step; same process per N) ==')
   for n in (1, 2, 4, 8):
     env = dict(os.environ)
+    env['JAX_PLATFORMS'] = 'cpu'  # simulated devices are CPU devices
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                         f' --xla_force_host_platform_device_count={n}')
     proc = subprocess.run(

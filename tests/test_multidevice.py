@@ -18,6 +18,7 @@ import pytest
 def run_script(name, *args):
   script = os.path.join(os.path.dirname(__file__), name)
   env = dict(os.environ)
+  env['JAX_PLATFORMS'] = 'cpu'  # simulated devices are CPU devices
   env['PYTHONPATH'] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
        env.get('PYTHONPATH', '')])

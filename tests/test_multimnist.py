@@ -263,6 +263,8 @@ def test_resume_loses_nothing(data, tmp_path):
 def test_cli_bad_config_and_missing_data(tmp_path, capsys):
   with pytest.raises(SystemExit, match='epochs must be >= 1'):
     main_lib.main(['--epochs', '0'])
+  with pytest.raises(SystemExit, match='devices=64 but only'):
+    main_lib.main(['--devices', '64'])
   with pytest.raises(SystemExit, match='--mnist-dir'):
     main_lib.main(['--mnist-dir', str(tmp_path / 'missing'), '--workdir',
                    str(tmp_path / 'w'), '--cache-dir', str(tmp_path / 'c')])

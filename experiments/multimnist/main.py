@@ -61,6 +61,7 @@ def main(argv=None):
   module = test_config if args.config == 'test' else default
   try:
     config = module.get_config(**overrides)
+    train.check_devices(config)
   except ValueError as e:
     sys.exit(f'error: {e}')
   workdir = args.workdir or f'runs/multimnist/{config.method}-seed{config.seed}'
@@ -68,7 +69,7 @@ def main(argv=None):
                     'workdir': workdir}), flush=True)
   try:
     result = train.train_and_evaluate(config, workdir)
-  except (input_pipeline.MnistError, ValueError) as e:
+  except input_pipeline.MnistError as e:
     sys.exit(f'error: {e}')
   print(json.dumps(result), flush=True)
   return result

@@ -72,7 +72,9 @@ FAMILY['single_task'] = 'baseline'
 
 
 def delta_m(left, right, base_left, base_right):
-  """Delta_m (%) of Navon et al. (2022) and LibMTL: the mean relative drop.
+  """Delta_m (%) of Navon et al. (2022): the mean relative drop.
+
+  (LibMTL's Delta_p is the same quantity with the opposite sign.)
 
   ``(1/K) sum_k (-1)^{d_k} (M_k - M_base,k) / M_base,k`` with ``d_k = 1`` for
   higher-is-better metrics (accuracy): lower is better, negative beats the
@@ -121,28 +123,29 @@ def write_plots(results, runs_dir, methods, seeds, out_dir):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  for method in methods:
+  palette = (list(plt.get_cmap('tab20').colors) +
+             list(plt.get_cmap('tab20b').colors))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+  for j, method in enumerate(methods):
     curves = np.stack([_curves(runs_dir, method, s) for s in seeds])
     mean = 100 * curves.mean(0)
     epochs = np.arange(1, mean.shape[0] + 1)
     for i, ax in enumerate(axes):
-      ax.plot(epochs, mean[:, i], label=LABELS[method])
+      ax.plot(epochs, mean[:, i], label=LABELS[method],
+              color=palette[j % len(palette)])
   for i, ax in enumerate(axes):
     ax.set_title(f"{('Left', 'Right')[i]} digit: validation accuracy "
                  f'(mean of {len(seeds)} seeds)')
     ax.set_xlabel('epoch')
     ax.grid(alpha=0.3)
   axes[0].set_ylabel('accuracy (%)')
-  axes[1].legend(loc='lower right')
+  axes[1].legend(loc='lower right', fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, 'multimnist_curves.png'), dpi=120)
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(9, 7))
   markers = {'baseline': '*', 'loss': 'o', 'gradient': 's'}
-  palette = (list(plt.get_cmap('tab20').colors) +
-             list(plt.get_cmap('tab20b').colors))
   for i, method in enumerate(methods):
     pts = 100 * np.array([[results[(method, s)]['test_acc_left'],
                            results[(method, s)]['test_acc_right']]
@@ -184,8 +187,9 @@ def write_table(results, methods, seeds, epochs, path, note):
       f'{jax.devices()[0].platform}; jax {jax.__version__}.',
       '',
       'Δm (%) is the mean relative accuracy drop against single-task '
-      'training over the two digits (Navon et al. 2022, as in LibMTL): '
-      'lower is better, negative beats single task. Seconds per epoch are '
+      'training over the two digits (Navon et al. 2022; LibMTL reports the '
+      'same quantity with the opposite sign): lower is better, negative '
+      'beats single task. Seconds per epoch are '
       'the median over seeds, all on this machine.',
       '',
       '| method | family | left (ours) | right (ours) | Δm (%) ↓ '

@@ -52,7 +52,8 @@ def _gradient_methods(config, k, seed):
       'aligned_mtl': lambda: mgda_jax.aligned_mtl(k),
       'upgrad': lambda: mgda_jax.upgrad(k),
       'dualproj': lambda: mgda_jax.dualproj(k),
-      # 'mean': unit weights at Z diverge at this learning rate (README).
+      # 'mean': unit weights at Z diverge at this learning rate
+      # (docs/RESULTS.md, gradient_normalization's docstring).
       'gradient_normalization': lambda: mgda_jax.gradient_normalization(
           k, scale='mean'),
   }
@@ -297,11 +298,9 @@ def _checkpointer(workdir):
 # The run
 
 
-def _data_parallel(config, log):
-  """The batch sharding for ``config.devices`` > 1 devices, else None."""
+def check_devices(config) -> int:
+  """The number of devices ``config.devices`` asks for, or a ValueError."""
   n = config.devices or jax.device_count()
-  if n == 1:
-    return None
   if n > jax.device_count():
     raise ValueError(f'devices={n} but only {jax.device_count()} are '
                      'visible (on CPU, simulate more with XLA_FLAGS='
@@ -309,6 +308,14 @@ def _data_parallel(config, log):
   if config.batch_size % n:
     raise ValueError(f'batch_size={config.batch_size} must be a multiple of '
                      f'devices={n}.')
+  return n
+
+
+def _data_parallel(config, log):
+  """The batch sharding for ``config.devices`` > 1 devices, else None."""
+  n = check_devices(config)
+  if n == 1:
+    return None
   mesh = jax.make_mesh((n,), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:n])

@@ -114,7 +114,7 @@ def cagrad_weights(gram: jax.Array, c, *, rescale: bool = True,
     f = objective(w)
 
     def ls_cond(ls):
-      t, n, ok, _ = ls
+      _, n, ok, _ = ls
       return (~ok) & (n < 60)
 
     def ls_body(ls):
