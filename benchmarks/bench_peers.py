@@ -43,12 +43,8 @@ import torchjd
 from torchjd import aggregation as tjd_agg
 
 import mgda_jax
+from benchmarks import bench_solver
 from benchmarks import bench_step
-
-try:
-  import quadprog
-except ImportError:  # pragma: no cover
-  quadprog = None
 
 
 def _version(dist):
@@ -79,12 +75,7 @@ def correlated(rng, k, dim=1000):
 def exact_min_norm(j):
   """min ||J^T a||^2 on the simplex, by quadprog in float64."""
   g = j @ j.T
-  k = g.shape[0]
-  scale = np.max(np.diag(g))
-  q = g / scale + 1e-12 * np.eye(k)
-  c = np.vstack([np.ones((1, k)), np.eye(k)]).T
-  b = np.concatenate([[1.0], np.zeros(k)])
-  a = quadprog.solve_qp(q, np.zeros(k), c, b, meq=1)[0]
+  a = bench_solver.quadprog_solve(g)
   return float(a @ g @ a)
 
 
@@ -200,37 +191,20 @@ def python_frank_wolfe(grads, max_iter=250, stop=1e-5):
   for i in range(k):
     for j in range(i, k):
       g[i, j] = g[j, i] = float(torch.sum(grads[i] * grads[j]))
-  best, alpha = np.inf, None
-  for i in range(k):
-    for j in range(i + 1, k):
-      gamma = _line(g[i, i], g[i, j], g[j, j])
-      val = gamma ** 2 * g[i, i] + 2 * gamma * (1 - gamma) * g[i, j] + (
-          1 - gamma) ** 2 * g[j, j]
-      if val < best:
-        best, alpha = val, np.zeros(k)
-        alpha[i], alpha[j] = gamma, 1 - gamma
+  alpha = bench_solver.best_pair_start(g)
   if k == 1:
-    return np.ones(1)
+    return alpha
   for _ in range(max_iter):
     grad = g @ alpha
     s = int(np.argmin(grad))
     v1v1, v1v2, v2v2 = alpha @ g @ alpha, grad[s], g[s, s]
-    gamma = _line(v1v1, v1v2, v2v2)
+    gamma = bench_solver.two_point(v1v1, v1v2, v2v2)
     new = gamma * alpha
     new[s] += 1 - gamma
     if np.sum(np.abs(new - alpha)) < stop:
       return new
     alpha = new
   return alpha
-
-
-def _line(v1v1, v1v2, v2v2):
-  """argmin_{c in [0,1]} ||c v1 + (1-c) v2||^2 (the paper's Eq. 4)."""
-  if v1v2 >= v1v1:
-    return 1.0
-  if v1v2 >= v2v2:
-    return 0.0
-  return (v2v2 - v1v2) / (v1v1 + v2v2 - 2 * v1v2)
 
 
 def torch_steps(num_tasks, num_classes, batch=256):

@@ -74,13 +74,34 @@ def make_grams(family: str, batch: int, k: int, seed: int = 0) -> np.ndarray:
 # Baselines
 
 
-def _two_point(v1v1, v1v2, v2v2):
+def two_point(v1v1, v1v2, v2v2):
   """Eq. 4 of Sener & Koltun: argmin_g ||g v1 + (1-g) v2||^2 on [0, 1]."""
   if v1v2 >= v1v1:
     return 1.0
   if v1v2 >= v2v2:
     return 0.0
   return (v2v2 - v1v2) / (v1v1 + v2v2 - 2 * v1v2)
+
+
+def best_pair_start(g):
+  """The paper's starting point: the best two-task solution, in closed form.
+
+  ``g`` is a ``(K, K)`` array or a list of rows; returns a numpy ``(K,)``.
+  """
+  k = len(g)
+  if k == 1:
+    return np.ones(1)
+  best, alpha = np.inf, None
+  for i in range(k):
+    for j in range(i + 1, k):
+      gam = two_point(g[i][i], g[i][j], g[j][j])
+      cost = (gam * gam * g[i][i] + 2 * gam * (1 - gam) * g[i][j]
+              + (1 - gam) ** 2 * g[j][j])
+      if cost < best:
+        best = cost
+        alpha = np.zeros(k)
+        alpha[i], alpha[j] = gam, 1 - gam
+  return alpha
 
 
 def _project_simplex(y):
@@ -95,17 +116,7 @@ def _project_simplex(y):
 def projected_gradient_numpy(g, max_iter=250, stop_crit=1e-5):
   """Python-loop projected-gradient min-norm solver, after the paper's code."""
   k = g.shape[0]
-  # Start from the best pair, in closed form.
-  best, alpha = np.inf, None
-  for i in range(k):
-    for j in range(i + 1, k):
-      gam = _two_point(g[i, i], g[i, j], g[j, j])
-      cost = gam * gam * g[i, i] + 2 * gam * (1 - gam) * g[i, j] + (
-          1 - gam) ** 2 * g[j, j]
-      if cost < best:
-        best = cost
-        alpha = np.zeros(k)
-        alpha[i], alpha[j] = gam, 1 - gam
+  alpha = best_pair_start(g)
   for _ in range(max_iter):
     grad = -g @ alpha
     # Projected gradient step; the step size is the smallest positive ratio
@@ -122,7 +133,7 @@ def projected_gradient_numpy(g, max_iter=250, stop_crit=1e-5):
     v1v1 = alpha @ g @ alpha
     v1v2 = alpha @ g @ candidate
     v2v2 = candidate @ g @ candidate
-    gam = _two_point(v1v1, v1v2, v2v2)
+    gam = two_point(v1v1, v1v2, v2v2)
     new = gam * alpha + (1 - gam) * candidate
     change = np.abs(new - alpha).sum()
     alpha = new
@@ -146,16 +157,7 @@ def projected_gradient_python(g, max_iter=250, stop_crit=1e-5):
   def dot(a, b):
     return sum(x * y for x, y in zip(a, b))
 
-  best, alpha = float('inf'), None
-  for i in range(k):
-    for j in range(i + 1, k):
-      gam = _two_point(g[i][i], g[i][j], g[j][j])
-      cost = (gam * gam * g[i][i] + 2 * gam * (1 - gam) * g[i][j]
-              + (1 - gam) ** 2 * g[j][j])
-      if cost < best:
-        best = cost
-        alpha = [0.0] * k
-        alpha[i], alpha[j] = gam, 1 - gam
+  alpha = [float(a) for a in best_pair_start(g)]
   for _ in range(max_iter):
     grad = [-x for x in matvec(alpha)]
     mean = sum(grad) / k
@@ -170,7 +172,7 @@ def projected_gradient_python(g, max_iter=250, stop_crit=1e-5):
     v1v1 = dot(alpha, g_alpha)
     v1v2 = dot(candidate, g_alpha)
     v2v2 = dot(candidate, matvec(candidate))
-    gam = _two_point(v1v1, v1v2, v2v2)
+    gam = two_point(v1v1, v1v2, v2v2)
     new = [gam * a + (1 - gam) * c for a, c in zip(alpha, candidate)]
     change = sum(abs(x - y) for x, y in zip(new, alpha))
     alpha = new
