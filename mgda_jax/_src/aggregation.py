@@ -39,6 +39,7 @@ import optax
 from mgda_jax._src import gram as gram_lib
 from mgda_jax._src import mgda as mgda_lib
 from mgda_jax._src import mgda_ub as ub_lib
+from mgda_jax._src.loss_weighting import check_k
 
 
 class GradientMethodState(NamedTuple):
@@ -65,12 +66,11 @@ WeightFn = Callable[[jax.Array, Any, Any], tuple[jax.Array, Any]]
 def task_gram(updates, shared, params, factory: str):
   """``(gram, mask)``: the Gram matrix of the input and the shared-leaf mask.
 
-  ``mask`` is ``None`` for a :class:`RepresentationGrads`.
+  ``mask`` is ``None`` for a :class:`RepresentationGrads`. The input's task
+  axis is checked by :func:`check_k` first.
   """
   if isinstance(updates, ub_lib.RepresentationGrads):
-    gram_lib.num_tasks(updates.rep_grads, f'{factory} rep_grads')
     return gram_lib.gram_matrix(updates.rep_grads), None
-  gram_lib.num_tasks(updates, f'{factory} per-task gradients')
   mask = mgda_lib.resolve_shared(shared, updates, params)
   shared_grads = [g for g, m in zip(jax.tree.leaves(updates),
                                     jax.tree.leaves(mask)) if m]
@@ -91,18 +91,6 @@ def apply_weights(updates, weights, mask):
       updates, mask)
 
 
-def check_k(updates, num_tasks: int, factory: str) -> int:
-  """K of the input, which must equal ``num_tasks``."""
-  if isinstance(updates, ub_lib.RepresentationGrads):
-    k = gram_lib.num_tasks(updates.rep_grads, f'{factory} rep_grads')
-  else:
-    k = gram_lib.num_tasks(updates, f'{factory} per-task gradients')
-  if k != num_tasks:
-    raise ValueError(f'{factory} was built for num_tasks={num_tasks} but the '
-                     f'input has {k} tasks.')
-  return k
-
-
 def gram_method(
     factory: str,
     num_tasks: int,
@@ -116,7 +104,8 @@ def gram_method(
   Args:
     factory: the public name, for error messages.
     num_tasks: ``K`` (already checked static).
-    weight_fn: ``(gram, inner, losses) -> (weights, new_inner)``.
+    weight_fn: ``(gram, inner, losses) -> (weights, new_inner)``; the new
+      inner state is cast to the dtypes of the initial one.
     init_inner: ``dtype -> inner``, the method's initial state.
     shared: which per-task-gradient leaves are shared (see
       :func:`mgda_jax.mgda`); ignored for a :class:`RepresentationGrads`.
@@ -146,6 +135,10 @@ def gram_method(
       losses = jax.lax.stop_gradient(jnp.asarray(losses))
     weights, inner = weight_fn(gram, state.inner, losses)
     weights = jax.lax.stop_gradient(weights)
+    # The state keeps its dtypes whatever the Gram matrix's (e.g. f32 state,
+    # f64 gradients under x64), so that a jitted loop's carry is stable.
+    inner = jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype),
+                         inner, state.inner)
     new_updates = apply_weights(updates, weights, mask)
     return new_updates, GradientMethodState(
         optax.safe_increment(state.count),

@@ -181,12 +181,5 @@ def cagrad(num_tasks: int, *, c: float = 0.4, rescale: bool = True,
         jnp.zeros((), jnp.int32), jnp.full((), jnp.inf, dtype),
         jnp.zeros((), bool), jnp.full((num_tasks,), 1.0 / num_tasks, dtype)))
 
-  def cast(weight_fn):
-    def fn(gram, inner, losses):
-      weights, new = weight_fn(gram, inner, losses)
-      new = jax.tree.map(lambda a, b: a.astype(b.dtype), new, inner)
-      return weights, new
-    return fn
-
-  return aggregation.gram_method('cagrad', num_tasks, cast(weight_fn),
-                                 init_inner, shared=shared)
+  return aggregation.gram_method('cagrad', num_tasks, weight_fn, init_inner,
+                                 shared=shared)

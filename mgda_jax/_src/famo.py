@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from mgda_jax._src import mgda as mgda_lib
-from mgda_jax._src.loss_weighting import _check_k
-from mgda_jax._src.loss_weighting import _check_losses
+from mgda_jax._src.loss_weighting import check_k
+from mgda_jax._src.loss_weighting import check_losses
 from mgda_jax._src.loss_weighting import weighted_update
 
 
@@ -87,8 +87,8 @@ def famo(num_tasks: int, *, learning_rate: float = 0.025,
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del params, extra_args
-    k = _check_k(updates, num_tasks, 'famo')
-    losses = jax.lax.stop_gradient(_check_losses(losses, k, 'famo')).astype(
+    k = check_k(updates, num_tasks, 'famo')
+    losses = jax.lax.stop_gradient(check_losses(losses, k, 'famo')).astype(
         jnp.float32)
     shifted = jnp.maximum(losses - min_losses, 0.0) + eps
     # Learn the logits from the change in log-loss since the last update.

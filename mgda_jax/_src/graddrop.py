@@ -40,6 +40,7 @@ import optax
 from mgda_jax._src import aggregation
 from mgda_jax._src import mgda as mgda_lib
 from mgda_jax._src import mgda_ub as ub_lib
+from mgda_jax._src.loss_weighting import check_k
 
 
 def graddrop_combine(task_grads: jax.Array, key: jax.Array,
@@ -101,7 +102,7 @@ def graddrop(num_tasks: int, *, key=0, leak=0.0,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    aggregation.check_k(updates, num_tasks, 'graddrop')
+    check_k(updates, num_tasks, 'graddrop')
     step_key, next_key = jax.random.split(state.key)
     if isinstance(updates, ub_lib.RepresentationGrads):
       leaves, treedef = jax.tree.flatten(updates.rep_grads)

@@ -98,14 +98,6 @@ def _leaf_varying(leaf) -> frozenset:
   return frozenset(getattr(aval, 'vma', ()) or ())  # older jax
 
 
-def varying_axes(tree) -> frozenset:
-  """The manual mesh axes (``jax.shard_map``) any leaf of ``tree`` varies over."""
-  axes = set()
-  for leaf in jax.tree_util.tree_leaves(tree):
-    axes |= _leaf_varying(leaf)
-  return frozenset(axes)
-
-
 def untyped_axis(axis_name) -> bool:
   """Whether ``axis_name`` is a mapped axis whose values carry no varying type.
 

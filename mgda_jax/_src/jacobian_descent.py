@@ -106,7 +106,6 @@ def _projection_method(name, weights_fn, num_tasks, preferences, shared):
   def weight_fn(gram, inner, losses):
     del losses
     w, info = weights_fn(gram, preferences)
-    info = jax.tree.map(lambda a, b: a.astype(b.dtype), info, inner.info)
     return w, ProjectionState(info)
 
   def init_inner(dtype):

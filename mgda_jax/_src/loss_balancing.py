@@ -34,8 +34,9 @@ import optax
 
 from mgda_jax._src import aggregation
 from mgda_jax._src import mgda as mgda_lib
-from mgda_jax._src.loss_weighting import _check_k
-from mgda_jax._src.loss_weighting import _check_losses
+from mgda_jax._src.loss_weighting import check_k
+from mgda_jax._src.loss_weighting import check_losses
+from mgda_jax._src.loss_weighting import fixed_weighting
 from mgda_jax._src.loss_weighting import weighted_update
 from mgda_jax._src.loss_weighting import WeightingState
 
@@ -46,9 +47,9 @@ def _inverse(x):
 
 
 def _losses(updates, losses, num_tasks, factory):
-  k = _check_k(updates, num_tasks, factory)
+  k = check_k(updates, num_tasks, factory)
   return jax.lax.stop_gradient(
-      _check_losses(losses, k, factory)).astype(jnp.float32)
+      check_losses(losses, k, factory)).astype(jnp.float32)
 
 
 class InitialLossState(NamedTuple):
@@ -197,7 +198,6 @@ def prior_loss_weighting(priors) -> optax.GradientTransformationExtraArgs:
     Vandenhende et al., *Multi-Task Learning for Dense Prediction Tasks: A
     Survey*, TPAMI 2021, https://arxiv.org/abs/2004.13379
   """
-  from mgda_jax._src.loss_weighting import fixed_weighting  # pylint: disable=g-import-not-at-top
   priors = jnp.asarray(priors, jnp.float32)
   if priors.ndim != 1 or priors.shape[0] == 0:
     raise ValueError('prior_loss_weighting needs a (K,) vector of prior '
@@ -383,7 +383,7 @@ def dtp(num_tasks: int, *, gamma: float = 1.0,
 
   def update_fn(updates, state, params=None, *, kpis=None, **extra_args):
     del params, extra_args
-    k = _check_k(updates, num_tasks, 'dtp')
+    k = check_k(updates, num_tasks, 'dtp')
     if kpis is None:
       raise ValueError('dtp needs the task KPIs in [0, 1]: pass kpis=<array '
                        'of shape (K,)> (e.g. batch accuracies) to update.')
@@ -438,7 +438,7 @@ def rlw(num_tasks: int, *, key=0) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _check_k(updates, num_tasks, 'rlw')
+    check_k(updates, num_tasks, 'rlw')
     step_key, next_key = jax.random.split(state.key)
     w = jax.nn.softmax(jax.random.normal(step_key, (num_tasks,), jnp.float32))
     return weighted_update(updates, w), RLWState(

@@ -53,7 +53,7 @@ def task_norms(updates) -> jax.Array:
   return jnp.sqrt(jnp.maximum(jnp.diagonal(gram_lib.gram_matrix(tree)), 0.0))
 
 
-def _check_losses(losses, k, factory):
+def check_losses(losses, k, factory):
   if losses is None:
     raise ValueError(f'{factory} needs the task losses: pass losses=<array of '
                      'shape (K,)> to update.')
@@ -64,7 +64,8 @@ def _check_losses(losses, k, factory):
   return losses
 
 
-def _check_k(updates, num_tasks, factory):
+def check_k(updates, num_tasks, factory) -> int:
+  """K read off the input (either kind), which must equal ``num_tasks``."""
   k = input_num_tasks(updates, factory)
   if k != num_tasks:
     raise ValueError(f'{factory} was built for num_tasks={num_tasks} but the '
@@ -100,7 +101,7 @@ def fixed_weighting(weights) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _check_k(updates, num_tasks, 'fixed_weighting')
+    check_k(updates, num_tasks, 'fixed_weighting')
     w = jnp.asarray(weights, jnp.float32)
     return weighted_update(updates, w), WeightingState(
         optax.safe_increment(state.count), w)
@@ -176,8 +177,8 @@ def uncertainty_weighting(
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del params, extra_args
-    k = _check_k(updates, num_tasks, 'uncertainty_weighting')
-    losses = jax.lax.stop_gradient(_check_losses(losses, k,
+    k = check_k(updates, num_tasks, 'uncertainty_weighting')
+    losses = jax.lax.stop_gradient(check_losses(losses, k,
                                                  'uncertainty_weighting'))
     weights = jnp.exp(-state.log_vars)
     new_updates = weighted_update(updates, weights)
@@ -262,9 +263,9 @@ def gradnorm(
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del params, extra_args
-    k = _check_k(updates, num_tasks, 'gradnorm')
+    k = check_k(updates, num_tasks, 'gradnorm')
     losses = jax.lax.stop_gradient(
-        _check_losses(losses, k, 'gradnorm')).astype(jnp.float32)
+        check_losses(losses, k, 'gradnorm')).astype(jnp.float32)
     initial = jnp.where(state.count == 0, losses, state.initial_losses)
     w = state.weights
     new_updates = weighted_update(updates, w)

@@ -178,7 +178,6 @@ def nash_mtl(num_tasks: int, *, normalize: bool = True,
       m = jnp.where(m > 0, m, 1.0)
       frob = m * jnp.sqrt(jnp.sum((gram / m) ** 2))
       alpha = alpha * jnp.sqrt(frob)
-    info = jax.tree.map(lambda a, b: a.astype(b.dtype), info, inner.info)
     return alpha, NashMTLState(info)
 
   def init_inner(dtype):

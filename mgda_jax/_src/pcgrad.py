@@ -217,7 +217,7 @@ def gradvac(num_tasks: int, *, beta: float = 0.01, key=0,
     step_key, next_key = jax.random.split(inner.key)
     orders = task_orders(step_key if shuffle else None, num_tasks)
     weights, targets = gradvac_weights(gram, orders, inner.targets, beta)
-    return weights, GradVacState(next_key, targets.astype(inner.targets.dtype))
+    return weights, GradVacState(next_key, targets)
 
   return aggregation.gram_method(
       'gradvac', num_tasks, weight_fn,
