@@ -500,6 +500,26 @@ def test_methods_on_degenerate_input_are_finite(name, case, dtype):
       np.testing.assert_allclose(update['w'], 0.0)
 
 
+@pytest.mark.parametrize('name', sorted(GRADIENT_METHODS))
+def test_nonfinite_gradients_are_not_hidden_and_can_be_skipped(name):
+  """A NaN or inf gradient gives a non-finite update (never a finite one
+  that looks fine), so optax.apply_if_finite after the method skips it."""
+  params = {'w': jnp.zeros(3)}
+  good = {'w': jnp.asarray(DEGENERATE['opposite'] + 0.5, jnp.float32)}
+  for bad_value in (jnp.nan, jnp.inf):
+    bad = {'w': good['w'].at[1, 2].set(bad_value)}
+    tx = GRADIENT_METHODS[name]()
+    update, _ = jax.jit(tx.update)(bad, tx.init(params), params)
+    assert not np.all(np.isfinite(update['w'])), (name, bad_value, update)
+    chain = optax.chain(GRADIENT_METHODS[name](),
+                        optax.apply_if_finite(optax.sgd(0.1), 5))
+    state = chain.init(params)
+    skipped, state = chain.update(bad, state, params)
+    np.testing.assert_array_equal(skipped['w'], 0.0)
+    applied, _ = chain.update(good, state, params)
+    assert np.all(np.isfinite(applied['w'])) and np.any(applied['w'] != 0)
+
+
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
 @pytest.mark.parametrize('name', sorted(GRADIENT_METHODS))
 def test_methods_on_two_opposite_gradients_are_finite(name, dtype):

@@ -58,7 +58,11 @@ def graddrop_combine(task_grads: jax.Array, key: jax.Array,
   if leak.ndim == 1:  # one per task
     leak = jnp.reshape(leak, leak.shape + (1,) * (g.ndim - 1))
   mask = leak + (1.0 - leak) * keep.astype(acc)
-  return jnp.sum(mask * g, axis=0).astype(task_grads.dtype)
+  out = jnp.sum(mask * g, axis=0)
+  # A dropped NaN/inf must not vanish (XLA turns mask * g into a select):
+  # where any task's gradient is not finite, so is the output.
+  out = jnp.where(jnp.isfinite(total), out, total)
+  return out.astype(task_grads.dtype)
 
 
 class GradDropState(NamedTuple):
