@@ -420,7 +420,10 @@ def train_and_evaluate(config: default_config.Config, workdir: str,
                                    for i in range(4))
     record = {'epoch': epoch, 'seconds': round(seconds, 3),
               'train_loss': losses.mean(0).tolist(),
-              'weights': weights.mean(0).tolist()}
+              # null where a method has no task weights (GradDrop): JSON
+              # has no NaN.
+              'weights': [None if np.isnan(w) else w
+                          for w in weights.mean(0).tolist()]}
     if not np.all(np.isnan(gap)):
       record['solver_gap'] = float(np.nanmean(gap))
       record['solver_steps'] = float(steps.mean())
@@ -434,7 +437,7 @@ def train_and_evaluate(config: default_config.Config, workdir: str,
     log('  ' + ', '.join(
         f'{n} val {a:.4f} test {t:.4f}' for n, a, t in
         zip(names, record['val_acc'], record['test_acc'])) +
-        f', weights {np.round(record["weights"], 3).tolist()}')
+        f', weights {np.round(weights.mean(0), 3).tolist()}')
     state = {'params': params, 'opt_state': opt_state,
              'epoch': jnp.asarray(epoch, jnp.int32)}
     manager.save(epoch, args=ocp.args.StandardSave(state))

@@ -24,13 +24,17 @@ from mgda_jax._src import mgda as mgda_lib
 SCALES = ('unit', 'mean')
 
 
+def _check_scale(scale):
+  if scale not in SCALES:
+    raise ValueError(f'scale must be one of {SCALES}; got {scale!r}.')
+
+
 def unit_norm_weights(gram, scale: str = 'unit'):
   """``1 / ||g_t||`` (or ``mean_s ||g_s|| / ||g_t||``) from the Gram matrix.
 
   A zero gradient gets weight 0.
   """
-  if scale not in SCALES:
-    raise ValueError(f'scale must be one of {SCALES}; got {scale!r}.')
+  _check_scale(scale)
   n = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   w = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
   if scale == 'mean':
@@ -70,7 +74,7 @@ def gradient_normalization(num_tasks: int, *, scale: str = 'unit',
     https://arxiv.org/abs/2004.13379
   """
   num_tasks = mgda_lib.check_num_tasks(num_tasks, 'gradient_normalization')
-  unit_norm_weights(jnp.eye(1), scale)  # validates scale
+  _check_scale(scale)
   return aggregation.gram_method(
       'gradient_normalization', num_tasks,
       lambda gram, inner, losses: (unit_norm_weights(gram, scale), inner),
