@@ -3,108 +3,113 @@
 The public API; everything else lives in ``mgda_jax._src`` and may change.
 """
 
-from mgda_jax._src.aggregation import GradientMethodState
-from mgda_jax._src.aligned_mtl import aligned_mtl
-from mgda_jax._src.aligned_mtl import aligned_mtl_matrix
-from mgda_jax._src.aligned_mtl import aligned_mtl_weights
-from mgda_jax._src.cagrad import cagrad
-from mgda_jax._src.cagrad import cagrad_weights
-from mgda_jax._src.cagrad import CAGradInfo
-from mgda_jax._src.cagrad import CAGradState
-from mgda_jax._src.famo import famo
-from mgda_jax._src.famo import FAMOState
-from mgda_jax._src.graddrop import graddrop
-from mgda_jax._src.graddrop import graddrop_combine
-from mgda_jax._src.graddrop import GradDropState
-from mgda_jax._src.gradient_normalization import gradient_normalization
-from mgda_jax._src.gram import gram_matrix
-from mgda_jax._src.imtl import imtl_g
-from mgda_jax._src.imtl import imtl_g_weights
-from mgda_jax._src.jacobian_descent import dualproj
-from mgda_jax._src.jacobian_descent import dualproj_weights
-from mgda_jax._src.jacobian_descent import ProjectionInfo
-from mgda_jax._src.jacobian_descent import ProjectionState
-from mgda_jax._src.jacobian_descent import upgrad
-from mgda_jax._src.jacobian_descent import upgrad_weights
-from mgda_jax._src.loss_balancing import classification_prior
-from mgda_jax._src.loss_balancing import DTPState
-from mgda_jax._src.loss_balancing import dtp
-from mgda_jax._src.loss_balancing import dwa
-from mgda_jax._src.loss_balancing import DWAState
-from mgda_jax._src.loss_balancing import initial_loss_weighting
-from mgda_jax._src.loss_balancing import InitialLossState
-from mgda_jax._src.loss_balancing import lbtw
-from mgda_jax._src.loss_balancing import prior_loss_weighting
-from mgda_jax._src.loss_balancing import realtime_loss_weighting
-from mgda_jax._src.loss_balancing import regression_prior
-from mgda_jax._src.loss_balancing import rlw
-from mgda_jax._src.loss_balancing import RLWState
-from mgda_jax._src.loss_weighting import fixed_weighting
-from mgda_jax._src.loss_weighting import gradnorm
-from mgda_jax._src.loss_weighting import GradNormState
-from mgda_jax._src.loss_weighting import uncertainty_weighting
-from mgda_jax._src.loss_weighting import UncertaintyState
-from mgda_jax._src.loss_weighting import uniform_weighting
-from mgda_jax._src.loss_weighting import WeightingState
-from mgda_jax._src.mgda import mgda
-from mgda_jax._src.mgda import mgda_weights
-from mgda_jax._src.mgda import MGDAState
-from mgda_jax._src.mgda_ub import mgda_ub
-from mgda_jax._src.mgda_ub import representation_grads
-from mgda_jax._src.mgda_ub import RepresentationGrads
-from mgda_jax._src.min_norm import default_max_steps
-from mgda_jax._src.min_norm import default_tol
-from mgda_jax._src.min_norm import min_norm_element
-from mgda_jax._src.min_norm import MinNormSolution
-from mgda_jax._src.min_norm import SolverResult
-from mgda_jax._src.nash_mtl import nash_mtl
-from mgda_jax._src.nash_mtl import nash_mtl_weights
-from mgda_jax._src.nash_mtl import NashMTLInfo
-from mgda_jax._src.nash_mtl import NashMTLState
-from mgda_jax._src.nonneg_qp import nonneg_qp
-from mgda_jax._src.nonneg_qp import NonnegQPSolution
-from mgda_jax._src.normalizers import gradient_normalizers
-from mgda_jax._src.normalizers import normalize_gram
-from mgda_jax._src.normalizers import NORMALIZERS
-from mgda_jax._src.pcgrad import gradvac
-from mgda_jax._src.pcgrad import gradvac_weights
-from mgda_jax._src.pcgrad import GradVacState
-from mgda_jax._src.pcgrad import pcgrad
-from mgda_jax._src.pcgrad import pcgrad_weights
-from mgda_jax._src.pcgrad import PCGradState
-from mgda_jax._src.pcgrad import task_orders
-from mgda_jax._src.task_grads import per_task_grads
+# Inputs, Gram matrices, results.
+from mgda_jax._src.core.gram import gram_matrix
+from mgda_jax._src.core.inputs import per_task_grads
+from mgda_jax._src.core.inputs import representation_grads
+from mgda_jax._src.core.inputs import RepresentationGrads
+from mgda_jax._src.core.results import SolveInfo
+from mgda_jax._src.core.results import SolverResult
+# The engine's state and the registry.
+from mgda_jax._src.engine import MethodState
+from mgda_jax._src.registry import make_method
+from mgda_jax._src.registry import method_spec
+from mgda_jax._src.registry import MethodSpec
+from mgda_jax._src.registry import METHODS
+# Solvers.
+from mgda_jax._src.solvers.min_norm import accurate_matvec
+from mgda_jax._src.solvers.min_norm import default_max_steps
+from mgda_jax._src.solvers.min_norm import default_tol
+from mgda_jax._src.solvers.min_norm import min_norm_element
+from mgda_jax._src.solvers.min_norm import MinNormSolution
+from mgda_jax._src.solvers.nonneg_qp import nonneg_qp
+from mgda_jax._src.solvers.nonneg_qp import NonnegQPSolution
+# Gradient methods.
+from mgda_jax._src.aggregators.aligned_mtl import aligned_mtl
+from mgda_jax._src.aggregators.aligned_mtl import aligned_mtl_matrix
+from mgda_jax._src.aggregators.aligned_mtl import aligned_mtl_weights
+from mgda_jax._src.aggregators.cagrad import cagrad
+from mgda_jax._src.aggregators.cagrad import cagrad_weights
+from mgda_jax._src.aggregators.cagrad import CAGradInfo
+from mgda_jax._src.aggregators.graddrop import graddrop
+from mgda_jax._src.aggregators.graddrop import graddrop_combine
+from mgda_jax._src.aggregators.graddrop import GradDropInner
+from mgda_jax._src.aggregators.gradient_normalization import gradient_normalization
+from mgda_jax._src.aggregators.imtl import imtl_g
+from mgda_jax._src.aggregators.imtl import imtl_g_weights
+from mgda_jax._src.aggregators.jacobian_descent import dualproj
+from mgda_jax._src.aggregators.jacobian_descent import dualproj_weights
+from mgda_jax._src.aggregators.jacobian_descent import ProjectionInfo
+from mgda_jax._src.aggregators.jacobian_descent import upgrad
+from mgda_jax._src.aggregators.jacobian_descent import upgrad_weights
+from mgda_jax._src.aggregators.mgda import mgda
+from mgda_jax._src.aggregators.mgda import mgda_ub
+from mgda_jax._src.aggregators.mgda import mgda_weights
+from mgda_jax._src.aggregators.nash_mtl import nash_mtl
+from mgda_jax._src.aggregators.nash_mtl import nash_mtl_weights
+from mgda_jax._src.aggregators.nash_mtl import NashMTLInfo
+from mgda_jax._src.aggregators.normalizers import gradient_normalizers
+from mgda_jax._src.aggregators.normalizers import normalize_gram
+from mgda_jax._src.aggregators.normalizers import NORMALIZERS
+from mgda_jax._src.aggregators.pcgrad import gradvac
+from mgda_jax._src.aggregators.pcgrad import gradvac_weights
+from mgda_jax._src.aggregators.pcgrad import GradVacState
+from mgda_jax._src.aggregators.pcgrad import pcgrad
+from mgda_jax._src.aggregators.pcgrad import pcgrad_weights
+from mgda_jax._src.aggregators.pcgrad import PCGradState
+from mgda_jax._src.aggregators.pcgrad import task_orders
+# Loss weightings.
+from mgda_jax._src.weightings.basic import fixed_weighting
+from mgda_jax._src.weightings.basic import gradnorm
+from mgda_jax._src.weightings.basic import GradNormInner
+from mgda_jax._src.weightings.basic import uncertainty_weighting
+from mgda_jax._src.weightings.basic import UncertaintyInner
+from mgda_jax._src.weightings.basic import uniform_weighting
+from mgda_jax._src.weightings.famo import famo
+from mgda_jax._src.weightings.famo import FAMOInner
+from mgda_jax._src.weightings.loss_balancing import classification_prior
+from mgda_jax._src.weightings.loss_balancing import DTPInner
+from mgda_jax._src.weightings.loss_balancing import dtp
+from mgda_jax._src.weightings.loss_balancing import dwa
+from mgda_jax._src.weightings.loss_balancing import DWAInner
+from mgda_jax._src.weightings.loss_balancing import initial_loss_weighting
+from mgda_jax._src.weightings.loss_balancing import InitialLossInner
+from mgda_jax._src.weightings.loss_balancing import lbtw
+from mgda_jax._src.weightings.loss_balancing import prior_loss_weighting
+from mgda_jax._src.weightings.loss_balancing import realtime_loss_weighting
+from mgda_jax._src.weightings.loss_balancing import regression_prior
+from mgda_jax._src.weightings.loss_balancing import rlw
+from mgda_jax._src.weightings.loss_balancing import RLWInner
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = (
+    'accurate_matvec',
     'aligned_mtl',
     'aligned_mtl_matrix',
     'aligned_mtl_weights',
     'cagrad',
     'cagrad_weights',
     'CAGradInfo',
-    'CAGradState',
     'classification_prior',
     'default_max_steps',
     'default_tol',
     'dtp',
-    'DTPState',
+    'DTPInner',
     'dualproj',
     'dualproj_weights',
     'dwa',
-    'DWAState',
+    'DWAInner',
     'famo',
-    'FAMOState',
+    'FAMOInner',
     'fixed_weighting',
     'graddrop',
     'graddrop_combine',
-    'GradDropState',
+    'GradDropInner',
     'gradient_normalization',
     'gradient_normalizers',
-    'GradientMethodState',
     'gradnorm',
-    'GradNormState',
+    'GradNormInner',
     'gradvac',
     'gradvac_weights',
     'GradVacState',
@@ -112,18 +117,21 @@ __all__ = (
     'imtl_g',
     'imtl_g_weights',
     'initial_loss_weighting',
-    'InitialLossState',
+    'InitialLossInner',
     'lbtw',
+    'make_method',
+    'method_spec',
+    'MethodSpec',
+    'MethodState',
+    'METHODS',
     'mgda',
     'mgda_ub',
     'mgda_weights',
-    'MGDAState',
     'min_norm_element',
     'MinNormSolution',
     'nash_mtl',
     'nash_mtl_weights',
     'NashMTLInfo',
-    'NashMTLState',
     'nonneg_qp',
     'NonnegQPSolution',
     'normalize_gram',
@@ -134,19 +142,18 @@ __all__ = (
     'per_task_grads',
     'prior_loss_weighting',
     'ProjectionInfo',
-    'ProjectionState',
     'realtime_loss_weighting',
     'regression_prior',
     'representation_grads',
     'RepresentationGrads',
     'rlw',
-    'RLWState',
+    'RLWInner',
+    'SolveInfo',
     'SolverResult',
     'task_orders',
     'uncertainty_weighting',
-    'UncertaintyState',
+    'UncertaintyInner',
     'uniform_weighting',
     'upgrad',
     'upgrad_weights',
-    'WeightingState',
 )

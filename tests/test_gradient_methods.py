@@ -166,17 +166,34 @@ def test_cagrad_solves_its_primal_problem(seed, c):
   assert primal >= np.min(j @ g0) - 1e-12
 
 
-def test_cagrad_dual_solution_is_certified_in_float32():
+def test_cagrad_dual_solution_in_float32_is_honest():
+  """Norms over 4 decades: where the dual solve says converged, its gap
+  (recomputed in float64) is within tol of the dual objective's size; where
+  projected gradient is too slow for that, it says MAX_STEPS_REACHED.
+
+  (The old stopping rule, relative to the longest gradient, said converged
+  on all five while up to 45% of the dual objective away.)"""
+  converged = 0
   for seed in range(5):
     j = grads(seed, 10, 30, 'scaled')
     w, info = mgda_jax.cagrad_weights(gram_of(j), 0.5)
-    assert bool(info.converged) and np.all(np.isfinite(w))
-    # Independent gap of the dual objective at the returned w (float64).
+    assert np.all(np.isfinite(w))
     g = j @ j.T / np.max(np.diag(j @ j.T))
     x = np.asarray(info.dual_weights, np.float64)
     r = 0.5 * np.sqrt(g.mean())
-    grad = g.mean(1) + r * g @ x / np.sqrt(x @ g @ x + 1e-8)
-    assert grad @ x - grad.min() <= 1e-4
+    norm = np.sqrt(x @ g @ x)
+    grad = g.mean(1) + r * g @ x / norm
+    gap = grad @ x - grad.min()
+    size = abs(g.mean(1) @ x) + r * norm
+    if bool(info.converged):
+      converged += 1
+      assert gap <= 1e-4 * size + 1e-5 * (x @ np.abs(grad))
+    else:
+      assert int(info.result) == int(mgda_jax.SolverResult.MAX_STEPS_REACHED)
+  # Known limit: projected gradient on the dual converges slowly when the
+  # norms are spread over decades (seed 3 is still 29% off after 5000
+  # steps), which the result code now says instead of "converged".
+  assert converged >= 1
 
 
 # ----------------------------------------------------------------------------
@@ -388,7 +405,8 @@ def test_graddrop_is_reproducible_from_its_key():
 
 
 # ----------------------------------------------------------------------------
-# All methods: both inputs, jit, dtypes, degenerate input, inject_hyperparams
+# Degenerate input (the properties every method shares are in
+# test_every_method.py)
 
 
 GRADIENT_METHODS = {
@@ -403,69 +421,6 @@ GRADIENT_METHODS = {
     'gradient_normalization': lambda: mgda_jax.gradient_normalization(K),
     'graddrop': lambda: mgda_jax.graddrop(K, key=1),
 }
-
-WEIGHT_FNS = {  # gram -> weights, for the representation/parameter check
-    'pcgrad': lambda g: mgda_jax.pcgrad_weights(
-        g, mgda_jax.task_orders(jax.random.split(jax.random.PRNGKey(1))[0],
-                                K)),
-    'gradvac': lambda g: mgda_jax.gradvac_weights(
-        g, mgda_jax.task_orders(jax.random.split(jax.random.PRNGKey(1))[0],
-                                K), jnp.zeros((K, K)), 0.01)[0],
-    'cagrad': lambda g: mgda_jax.cagrad_weights(g, 0.4)[0],
-    'imtl_g': mgda_jax.imtl_g_weights,
-    'nash_mtl': lambda g: mgda_jax.nash_mtl_weights(g)[0] * jnp.sqrt(
-        jnp.linalg.norm(g)),
-    'aligned_mtl': mgda_jax.aligned_mtl_weights,
-    'upgrad': lambda g: mgda_jax.upgrad_weights(g)[0],
-    'dualproj': lambda g: mgda_jax.dualproj_weights(g)[0],
-    'gradient_normalization': lambda g: 1.0 / jnp.sqrt(jnp.diagonal(g)),
-}
-
-
-@pytest.mark.parametrize('name', sorted(WEIGHT_FNS))
-def test_method_on_representation_gradients_matches_jacrev(name):
-  """Shared params get sum_t w_t dL_t/dZ pulled back; heads their own grad."""
-  params, (x, y) = make_problem(3)
-  losses, g = mgda_jax.representation_grads(encode, heads, params, x, y)
-  tx = GRADIENT_METHODS[name]()
-  update, state = jax.jit(tx.update)(g, tx.init(params), params)
-  # Independent reference from jacrev w.r.t. Z and the parameters.
-  z = encode(params, x, y)
-  jz = jax.jacrev(lambda zz: heads(params, zz, x, y))(z)   # (K, B, 5)
-  jz64 = np.asarray(jz, np.float64).reshape(K, -1)
-  w = np.asarray(WEIGHT_FNS[name](jnp.asarray(jz64 @ jz64.T, jnp.float32)))
-  np.testing.assert_allclose(state.weights, w, rtol=2e-4, atol=1e-5)
-  _, enc_vjp = jax.vjp(lambda p: encode(p, x, y), params)
-  ref_enc = enc_vjp(jnp.tensordot(jnp.asarray(w, jnp.float32), jz, 1))[0]
-  ref_heads = jax.grad(lambda p: jnp.sum(heads(p, z, x, y)))(params)
-  chex.assert_trees_all_close(update['encoder'], ref_enc['encoder'],
-                              rtol=2e-4, atol=2e-5)
-  chex.assert_trees_all_close(update['heads'], ref_heads['heads'],
-                              rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize('name', sorted(WEIGHT_FNS))
-def test_method_on_parameter_gradients_matches_jacrev(name):
-  params, (x, y) = make_problem(4)
-  _, g = mgda_jax.per_task_grads(all_losses, params, x, y)
-  tx = GRADIENT_METHODS[name]()
-  tx = mgda_jax.__dict__[name](K, shared=shared_mask) if name not in (
-      'pcgrad', 'gradvac', 'graddrop') else (
-          mgda_jax.__dict__[name](K, key=1, shared=shared_mask))
-  update, state = jax.jit(tx.update)(g, tx.init(params), params)
-  jac = jax.jacrev(all_losses)(params, x, y)
-  enc = np.concatenate([np.asarray(l, np.float64).reshape(K, -1)
-                        for l in jax.tree.leaves(jac['encoder'])], 1)
-  w = np.asarray(WEIGHT_FNS[name](jnp.asarray(enc @ enc.T, jnp.float32)))
-  np.testing.assert_allclose(state.weights, w, rtol=2e-4, atol=1e-5)
-  chex.assert_trees_all_close(
-      update['encoder'],
-      jax.tree.map(lambda l: np.tensordot(w, np.asarray(l), 1),
-                   jac['encoder']), rtol=2e-4, atol=2e-5)
-  chex.assert_trees_all_close(
-      update['heads'], jax.tree.map(lambda l: l.sum(0), jac['heads']),
-      rtol=1e-6, atol=1e-6)
-
 
 DEGENERATE = {
     'zero_gradient': np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0],
@@ -491,33 +446,13 @@ def test_methods_on_degenerate_input_are_finite(name, case, dtype):
       update, state = step(g, state, params)
     assert update['w'].dtype == jnp.dtype(dtype)
     assert np.all(np.isfinite(update['w'])), (name, case, update)
-    if hasattr(state, 'weights'):
+    if name != 'graddrop':  # GradDrop has no weights (NaN by contract)
       assert np.all(np.isfinite(state.weights)), (name, state)
     if case == 'identical' and name != 'graddrop':
       # Every method moves along the common gradient, not against it.
       assert float(update['w'] @ g['w'][0]) > 0, (name, update)
     if case == 'all_zero':
       np.testing.assert_allclose(update['w'], 0.0)
-
-
-@pytest.mark.parametrize('name', sorted(GRADIENT_METHODS))
-def test_nonfinite_gradients_are_not_hidden_and_can_be_skipped(name):
-  """A NaN or inf gradient gives a non-finite update (never a finite one
-  that looks fine), so optax.apply_if_finite after the method skips it."""
-  params = {'w': jnp.zeros(3)}
-  good = {'w': jnp.asarray(DEGENERATE['opposite'] + 0.5, jnp.float32)}
-  for bad_value in (jnp.nan, jnp.inf):
-    bad = {'w': good['w'].at[1, 2].set(bad_value)}
-    tx = GRADIENT_METHODS[name]()
-    update, _ = jax.jit(tx.update)(bad, tx.init(params), params)
-    assert not np.all(np.isfinite(update['w'])), (name, bad_value, update)
-    chain = optax.chain(GRADIENT_METHODS[name](),
-                        optax.apply_if_finite(optax.sgd(0.1), 5))
-    state = chain.init(params)
-    skipped, state = chain.update(bad, state, params)
-    np.testing.assert_array_equal(skipped['w'], 0.0)
-    applied, _ = chain.update(good, state, params)
-    assert np.all(np.isfinite(applied['w'])) and np.any(applied['w'] != 0)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
@@ -532,47 +467,12 @@ def test_methods_on_two_opposite_gradients_are_finite(name, dtype):
           else factory(2))
     update, state = jax.jit(tx.update)(g, tx.init(params), params)
     assert np.all(np.isfinite(update['w'])), (name, update)
-    if hasattr(state, 'weights'):
+    if name != 'graddrop':  # GradDrop has no weights (NaN by contract)
       assert np.all(np.isfinite(state.weights)), (name, state)
     # None of them may move along one task's gradient at the other's expense
     # by more than a whole gradient.
     assert float(jnp.linalg.norm(update['w'])) <= 2 * float(
         jnp.linalg.norm(g['w'][0])) + 1e-6
-
-
-@pytest.mark.parametrize('name,hyper', [
-    ('gradvac', {'beta': 0.1}), ('cagrad', {'c': 0.3}),
-    ('graddrop', {'leak': 0.2}), ('upgrad', {'preferences': jnp.ones(K) / K}),
-])
-def test_numeric_hyperparameters_survive_inject_hyperparams(name, hyper):
-  params, (x, y) = make_problem(5)
-  _, g = mgda_jax.representation_grads(encode, heads, params, x, y)
-  factory = mgda_jax.__dict__[name]
-  tx = optax.inject_hyperparams(factory, static_args=('num_tasks',))(
-      num_tasks=K, **hyper)
-  plain = factory(K, **hyper)
-  s0 = tx.init(params)
-  u, s = jax.jit(tx.update)(g, s0, params)
-  u_ref, s_ref = plain.update(g, plain.init(params), params)
-  chex.assert_trees_all_close(u, u_ref, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(s.inner_state, s_ref, rtol=1e-5, atol=1e-6)
-  key = next(iter(hyper))
-  s0.hyperparams[key] = jnp.asarray(s0.hyperparams[key]) * 0.5
-  u2, s2 = jax.jit(tx.update)(g, s0, params)
-  # The new value took effect (on the update, or on the state it learns).
-  changed = [not np.allclose(a, b) for a, b in zip(
-      jax.tree.leaves((u2, s2.inner_state)), jax.tree.leaves((u, s_ref)))
-             if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)]
-  assert any(changed)
-
-
-@pytest.mark.parametrize('name', sorted(GRADIENT_METHODS))
-def test_methods_reject_a_wrong_number_of_tasks(name):
-  params, (x, y) = make_problem(5)
-  _, g = mgda_jax.representation_grads(encode, heads, params, x, y)
-  tx = mgda_jax.__dict__[name](K + 1)
-  with pytest.raises((ValueError, RuntimeError), match='tasks'):
-    tx.update(g, tx.init(params), params)
 
 
 def test_nash_mtl_transform_solves_the_normalised_equation():
@@ -588,16 +488,124 @@ def test_nash_mtl_transform_solves_the_normalised_equation():
     np.testing.assert_allclose(gram / scale @ a, 1 / a, rtol=2e-3)
 
 
-def test_cagrad_traces_once():
-  params, (x, y) = make_problem(5)
-  _, g = mgda_jax.representation_grads(encode, heads, params, x, y)
-  tx = mgda_jax.cagrad(K)
+# ----------------------------------------------------------------------------
+# Regressions of the Core 2.0 cross-check against LibMTL and TorchJD, each
+# against an independent reference.
 
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(g, s, p):
-    return tx.update(g, s, p)
 
-  s = tx.init(params)
-  for _ in range(3):
-    _, s = step(g, s, params)
+def test_cagrad_float32_gram_under_x64_keeps_its_dtype():
+  with jax.enable_x64(True):
+    w, info = mgda_jax.cagrad_weights(jnp.eye(3, dtype=jnp.float32), 0.4)
+  assert w.dtype == jnp.float32 and bool(info.converged)
+  # Orthogonal unit gradients: by symmetry the update is the mean, scaled.
+  np.testing.assert_allclose(w, np.full(3, w[0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize('dtype,scale', [('float32', 1e-2), ('float32', 1e-3),
+                                         ('float32', 1e3),
+                                         ('float64', 1e-6)])
+def test_upgrad_and_dualproj_on_small_or_large_gradients(dtype, scale):
+  """Same answer at every gradient scale (the QP stopped on an absolute
+  tolerance: 47% error and conflicting directions at 1e-3 in float32)."""
+  rng = np.random.default_rng(2)
+  with jax.enable_x64(dtype == 'float64'):
+    for _ in range(5):
+      j = grads(int(rng.integers(1000)), 5, 8, 'conflicting') * scale
+      gram = gram_of(j, dtype)
+      d_up = np.asarray(mgda_jax.upgrad_weights(gram)[0], np.float64) @ j
+      d_dp = np.asarray(mgda_jax.dualproj_weights(gram)[0], np.float64) @ j
+      ref_up = np.mean([projection_reference(j, np.eye(5)[i])
+                        for i in range(5)], axis=0)
+      ref_dp = projection_reference(j, np.full(5, 0.2))
+      tol = 1e-3 if dtype == 'float32' else 1e-8
+      for d, ref in ((d_up, ref_up), (d_dp, ref_dp)):
+        np.testing.assert_allclose(d, ref, atol=tol * np.linalg.norm(ref))
+        # Non-conflicting, up to the rounding of the solve dtype.
+        norms = np.linalg.norm(j, axis=1) * np.linalg.norm(d)
+        assert np.all(j @ d >= -50 * np.finfo(dtype).eps * norms)
+
+
+@pytest.mark.parametrize('long', [1e2, 1e3, 1e4])
+def test_mgda_float32_with_one_long_gradient_matches_the_exact_qp(long):
+  """The min-norm direction never conflicts: <g_t, d> >= ||d||^2 (up to the
+  certificate), against the exact QP on the same Gram matrix."""
+  from qp_reference import enumerate_qp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(int(long))
+  for _ in range(10):
+    j = rng.normal(size=(4, 6))
+    j[0] *= long
+    gram = j @ j.T
+    sol = mgda_jax.min_norm_element(jnp.asarray(gram, jnp.float32))
+    a = np.asarray(sol.weights, np.float64)
+    a_star, f_star = enumerate_qp(gram)
+    d, d_star = a @ j, a_star @ j
+    if bool(sol.converged):
+      assert a @ gram @ a - f_star <= 1e-4 * f_star + 4 * np.finfo(
+          np.float32).eps * (a @ np.sqrt(np.diag(gram))) ** 2
+    np.testing.assert_allclose(d, d_star, atol=2e-2 * np.linalg.norm(d_star))
+    assert np.all(j @ d >= (1 - 2e-2) * (d @ d))
+
+
+@pytest.mark.parametrize('long', [1e2, 1e4])
+def test_cagrad_float32_wide_norms_reach_the_ball_and_the_optimum(long):
+  """d on the ball's boundary and primal = dual (certified in float64).
+
+  The reference code's smoothing (1e-8 of the largest squared norm) left d
+  11% inside the ball with norms spread over 1e4.
+  """
+  rng = np.random.default_rng(4)
+  c = 0.5
+  for _ in range(5):
+    j = grads(int(rng.integers(1000)), 4, 6, 'conflicting')
+    j[1] *= long
+    g0 = j.mean(0)
+    r = c * np.linalg.norm(g0)
+    w, info = mgda_jax.cagrad_weights(gram_of(j), c, rescale=False)
+    assert bool(info.converged)
+    d = np.asarray(w, np.float64) @ j
+    np.testing.assert_allclose(np.linalg.norm(d - g0), r, rtol=2e-3)
+    x = np.asarray(info.dual_weights, np.float64)
+    g_w = x @ j
+    dual = g_w @ g0 + r * np.linalg.norm(g_w)
+    primal = np.min(j @ d)
+    np.testing.assert_allclose(primal, dual, rtol=2e-3,
+                               atol=1e-5 * np.linalg.norm(j[1]) * r)
+
+
+def test_nash_mtl_default_solves_the_authors_equation_on_the_raw_gram():
+  """For G = 100 I the authors' code (and TorchJD's port) gives alpha = 0.1:
+  alpha * (G alpha) = 1 on the raw Gram matrix."""
+  alpha, info = mgda_jax.nash_mtl_weights(100.0 * jnp.eye(3))
+  assert bool(info.converged)
+  np.testing.assert_allclose(alpha, 0.1, rtol=1e-5)
+  tx = mgda_jax.nash_mtl(3)
+  g = {'w': 10.0 * jnp.eye(3)}   # Gram 100 I
+  _, state = tx.update(g, tx.init(g), None)
+  np.testing.assert_allclose(state.weights, 0.1, rtol=1e-5)
+
+
+def test_imtl_g_on_rank_deficient_gradients_is_the_documented_formula():
+  """J = [[1, 0], [0, 1], [1, 1]]: alpha = G^+ n / 1^T G^+ n gives d =
+  (3/4, 3/4), as TorchJD does (the old code gave (2/3, 2/3))."""
+  j = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  gram = j @ j.T
+  n = np.sqrt(np.diag(gram))
+  v = np.linalg.pinv(gram) @ n
+  ref = (v / v.sum()) @ j
+  np.testing.assert_allclose(ref, [0.75, 0.75], atol=1e-12)
+  for dtype in ('float32', 'float64'):
+    with jax.enable_x64(dtype == 'float64'):
+      w = mgda_jax.imtl_g_weights(gram_of(j, dtype))
+    np.testing.assert_allclose(np.asarray(w, np.float64) @ j, ref,
+                               atol=1e-5 if dtype == 'float32' else 1e-12)
+
+
+def test_imtl_g_with_wide_norms_matches_the_formula():
+  rng = np.random.default_rng(6)
+  j = rng.normal(size=(4, 9)) * np.array([[1.0], [1e2], [1e-1], [1e3]])
+  gram = j @ j.T
+  v = np.linalg.solve(gram, np.sqrt(np.diag(gram)))
+  ref = (v / v.sum()) @ j
+  w = mgda_jax.imtl_g_weights(gram_of(j))
+  np.testing.assert_allclose(np.asarray(w, np.float64) @ j, ref,
+                             atol=1e-4 * np.linalg.norm(ref))

@@ -93,7 +93,7 @@ def test_weights_from_normalised_problem_multiply_raw_gradients():
                             tx.init(jnp.zeros(6)))
   unit = grads / np.linalg.norm(grads, axis=1, keepdims=True)
   alpha_ref, _ = enumerate_qp(unit @ unit.T)
-  np.testing.assert_allclose(state.info.weights, alpha_ref, atol=1e-5)
+  np.testing.assert_allclose(state.weights, alpha_ref, atol=1e-5)
   np.testing.assert_allclose(update, alpha_ref @ grads, rtol=1e-4, atol=1e-6)
 
 

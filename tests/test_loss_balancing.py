@@ -39,7 +39,7 @@ def test_initial_loss_weighting_divides_by_the_first_losses():
   u, s = step(g1, s, params2, l1)
   chex.assert_trees_all_close(u, grad_of_weighted_loss(params2, x, y, 1 / l0),
                               rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(s.initial_losses, l0)
+  np.testing.assert_allclose(s.inner.initial_losses, l0)
 
 
 def test_realtime_loss_weighting_is_the_geometric_mean_gradient():
@@ -181,9 +181,9 @@ def test_famo_update_and_logit_step_match_their_definitions():
                                                                  np.float64))
   grad_xi = (np.diag(z) - np.outer(z, z)) @ delta
   # Adam's first step is lr * sign(grad) (m_hat / sqrt(v_hat) = sign).
-  np.testing.assert_allclose(s1.logits, -lr * np.sign(grad_xi), rtol=1e-4)
+  np.testing.assert_allclose(s1.inner.logits, -lr * np.sign(grad_xi), rtol=1e-4)
   # FAMO moves weight away from the task that improved most.
-  zs = jax.nn.softmax(s1.logits)
+  zs = jax.nn.softmax(s1.inner.logits)
   assert zs[0] < zs[1] and np.isclose(zs[1], zs[2])
   np.testing.assert_allclose(np.sum(s1.weights), 1.0, rtol=1e-6)
   # Step 2, with xi != 0: Adam on J^T delta + decay * xi, in numpy.
@@ -198,7 +198,7 @@ def test_famo_update_and_logit_step_match_their_definitions():
   v = 0.999 * (0.001 * g1 ** 2) + 0.001 * g2 ** 2
   xi2 = xi1 - lr * (m / (1 - 0.9 ** 2)) / (
       np.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
-  np.testing.assert_allclose(s2.logits, xi2, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(s2.inner.logits, xi2, rtol=1e-4, atol=1e-6)
   z2 = np.exp(xi2) / np.exp(xi2).sum()
   w2 = (z2 / np.asarray(l2, np.float64)) / np.sum(z2 / np.asarray(l2,
                                                                   np.float64))

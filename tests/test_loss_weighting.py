@@ -76,7 +76,7 @@ def test_uncertainty_weighting_matches_its_objective():
     g = np.asarray(jax.grad(objective)(jnp.asarray(s, jnp.float32), losses))
     buf = mom * buf + g
     s = s - lr * buf
-    np.testing.assert_allclose(state.log_vars, s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.inner.log_vars, s, rtol=1e-5, atol=1e-6)
     params = optax.apply_updates(params, jax.tree.map(lambda u: -0.01 * u,
                                                       update))
     del step
@@ -111,8 +111,8 @@ def test_gradnorm_weight_update_matches_its_objective():
                                              target))
     w = np.maximum(w, 1e-3)
     w = K * w / w.sum()
-    np.testing.assert_allclose(state.weights, w, rtol=1e-5)
-    np.testing.assert_allclose(state.initial_losses, l0, rtol=1e-6)
+    np.testing.assert_allclose(state.inner.weights, w, rtol=1e-5)
+    np.testing.assert_allclose(state.inner.initial_losses, l0, rtol=1e-6)
     params = optax.apply_updates(params, jax.tree.map(lambda u: -0.05 * u,
                                                       update))
 
@@ -125,7 +125,7 @@ def test_gradnorm_keeps_weights_when_tasks_are_balanced():
   state = tx.init(None)
   for _ in range(2):
     _, state = tx.update(g, state, losses=jnp.array([2.0, 2.0, 2.0]))
-  np.testing.assert_allclose(state.weights, np.ones(3))
+  np.testing.assert_allclose(state.inner.weights, np.ones(3))
 
 
 def test_loss_weightings_under_inject_hyperparams_and_jit():

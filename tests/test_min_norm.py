@@ -2,6 +2,7 @@
 
 import chex
 from conftest import degenerate_gradients
+from conftest import UNCERTIFIED_FAMILIES
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -26,30 +27,41 @@ def reference(gram64):
   return fstar, gap
 
 
-def assert_meets_target(gram64, sol, dtype):
-  """The issue's accuracy target, measured in float64 on the weights."""
+def assert_meets_target(gram64, sol, dtype, must_converge=True):
+  """The solver's accuracy statement, measured in float64 on the weights.
+
+  Where the solve says converged, the excess over the exact optimum is at
+  most the relative target plus the rounding floor of the solution's
+  support, ``4 eps (sum_t a_t sqrt(G_tt))^2`` (never a floor tied to the
+  longest gradient). Whatever it says, the reported gap bounds the excess.
+  """
   eps = float(np.finfo(dtype).eps)
   a = np.asarray(sol.weights, np.float64)
   assert np.all(a >= 0)
   np.testing.assert_allclose(a.sum(), 1.0, atol=64 * eps)
   md = float(np.max(np.diag(gram64)))
   f = float(a @ gram64 @ a)
-  floor = 4 * eps * md
-  if f <= floor:
-    # f* >= 0, so the excess is at most f: within the target without needing
-    # a reference (this is the case of an optimum of ~0).
-    excess = f
+  floor = 4 * eps * float(a @ np.sqrt(np.diag(gram64))) ** 2
+  fstar, ref_err = reference(gram64)
+  excess = f - fstar
+  # Two independent upper bounds on the true excess of a: against the
+  # reference (whose own certificate is ref_err), and the duality gap of a
+  # recomputed here in float64 (f* >= min_t (G a)_t... the Frank-Wolfe bound).
+  ga = gram64 @ a
+  gap64 = max(2.0 * (f - float(np.min(ga))), 0.0)
+  bound = min(excess + ref_err, gap64, f)  # f: since f* >= 0
+  if bool(sol.converged):
+    assert int(sol.result) == SolverResult.CONVERGED
+    allowed = REL_TARGET[dtype] * fstar + floor
+    assert bound <= allowed, (excess, ref_err, gap64, fstar, floor, md)
   else:
-    fstar, ref_err = reference(gram64)
-    # f* - ref_err <= true optimum <= f*: judge conservatively.
-    excess = f - fstar
-    allowed = max(REL_TARGET[dtype] * fstar, floor)
-    assert excess + ref_err <= allowed, (excess, ref_err, fstar, md)
+    assert not must_converge, ('not converged', int(sol.result), excess,
+                               fstar)
+    assert int(sol.result) == SolverResult.MAX_STEPS_REACHED
   # The reported gap is a certificate: it bounds the excess (up to the
-  # rounding of the gap itself in the solve dtype).
-  assert excess <= float(sol.gap) + 4 * eps * md, (excess, float(sol.gap))
-  assert bool(sol.converged)
-  assert int(sol.result) == SolverResult.CONVERGED
+  # rounding of f in float64 and of the gap in the solve dtype).
+  assert excess <= float(sol.gap) + floor + 1e-12 * md, (excess,
+                                                         float(sol.gap))
 
 
 _solve = jax.jit(mgda_jax.min_norm_element,
@@ -128,7 +140,8 @@ def test_matches_exact_qp(k, dtype):
       sol = solve(jnp.asarray(gram64, dtype))
       assert sol.weights.dtype == jnp.dtype(dtype)
       try:
-        assert_meets_target(gram64, sol, dtype)
+        assert_meets_target(gram64, sol, dtype,
+                            must_converge=name not in UNCERTIFIED_FAMILIES)
       except AssertionError as e:
         raise AssertionError(f'case {name!r}, K={k}, {dtype}: {e}') from e
 
@@ -140,7 +153,8 @@ def test_every_variant_meets_target_with_corrective_steps(method):
     gram64 = x @ x.T
     sol = solve(jnp.asarray(gram64, jnp.float32), method=method)
     try:
-      assert_meets_target(gram64, sol, 'float32')
+      assert_meets_target(gram64, sol, 'float32',
+                          must_converge=name not in UNCERTIFIED_FAMILIES)
     except AssertionError as e:
       raise AssertionError(f'case {name!r}: {e}') from e
 
@@ -300,3 +314,107 @@ def test_integer_gram_raises():
 def test_unknown_method_raises():
   with pytest.raises(ValueError, match='method'):
     mgda_jax.min_norm_element(jnp.eye(3), method='newton')
+
+
+# ----------------------------------------------------------------------------
+# Wide norms in float32: the certificate follows the solution's support
+
+
+def test_issue_repro_short_gradients_beside_a_long_one():
+  """Gram diagonal (2.5e3, 2.5e3, 2.5e3, 2.1e9): the optimum is the mean of
+  the three short orthogonal gradients, alpha = (1/3, 1/3, 1/3, 0).
+
+  The floor tied to the longest gradient stopped after 2 steps at 7.2%
+  above the optimum and said converged.
+  """
+  gram = np.diag([2.5e3, 2.5e3, 2.5e3, 2.1e9])
+  sol = solve(jnp.asarray(gram, jnp.float32))
+  assert bool(sol.converged)
+  np.testing.assert_allclose(sol.sq_norm, 2.5e3 / 3, rtol=1e-4)
+  assert_meets_target(gram, sol, 'float32')
+
+
+def test_one_gradient_1000x_longer_is_certified():
+  """The issue's family: 200 problems, one task gradient ~1000x longer.
+
+  Every converged answer meets the target (the old floor failed 194), and
+  nearly all converge.
+  """
+  rng = np.random.default_rng(7)
+  grams, ks = [], []
+  for _ in range(200):
+    k = int(rng.choice([3, 5, 10]))
+    x = rng.normal(size=(k, int(rng.choice([k + 2, 64]))))
+    x[rng.integers(k)] *= 10 ** rng.uniform(2.5, 3.5)
+    grams.append(x @ x.T)
+  converged = 0
+  for gram in grams:
+    sol = solve(jnp.asarray(gram, jnp.float32))
+    assert_meets_target(gram, sol, 'float32', must_converge=False)
+    converged += bool(sol.converged)
+  assert converged >= 190, converged
+
+
+def test_wide_norm_answers_are_accurate_even_when_not_certified():
+  """Norms log-spaced over 4 decades, K = 40: where float32 cannot certify
+  (long gradients active with tiny weights), the answer is still within the
+  target of the optimum; the result code says which case it is."""
+  rng = np.random.default_rng(3)
+  for _ in range(5):
+    x = rng.normal(size=(40, 64)) * np.logspace(0, 4, 40)[:, None]
+    gram = x @ x.T
+    sol = solve(jnp.asarray(gram, jnp.float32))
+    assert_meets_target(gram, sol, 'float32', must_converge=False)
+    a = np.asarray(sol.weights, np.float64)
+    fstar, _ = reference(gram)
+    assert a @ gram @ a - fstar <= 1e-4 * fstar
+
+
+@pytest.mark.parametrize('gram,why', [
+    (-np.eye(3), 'negative diagonal'),
+    (np.array([[1.0, 3.0], [3.0, 1.0]]), '|G_12| > sqrt(G_11 G_22)'),
+    (np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), 'minor'),
+])
+def test_non_psd_input_is_invalid_not_converged(gram, why):
+  sol = solve(jnp.asarray(gram, jnp.float32))
+  assert int(sol.result) == SolverResult.INVALID_INPUT, why
+  assert not bool(sol.converged)
+  assert bool(jnp.all(jnp.isnan(sol.weights)))
+
+
+def test_non_symmetric_input_is_symmetrised():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 6))
+  gram = x @ x.T
+  skew = np.triu(np.ones((4, 4)), 1) * 0.01
+  a = solve(jnp.asarray(gram + skew - skew.T, jnp.float32))
+  b = solve(jnp.asarray(gram, jnp.float32))
+  np.testing.assert_allclose(a.sq_norm, b.sq_norm, rtol=1e-5)
+
+
+def test_bad_tolerances():
+  gram = jnp.eye(3)
+  for tol in (-1.0, float('nan'), float('inf')):
+    with pytest.raises(ValueError, match='tol'):
+      mgda_jax.min_norm_element(gram, tol=tol)
+  with pytest.raises(ValueError, match='max_steps'):
+    mgda_jax.min_norm_element(gram, max_steps=0)
+  # Traced (e.g. under inject_hyperparams): reported, never "converged".
+  sol = jax.jit(lambda t: mgda_jax.min_norm_element(gram, tol=t))(jnp.nan)
+  assert int(sol.result) == SolverResult.INVALID_INPUT
+  assert not bool(sol.converged)
+
+
+def test_accurate_matvec_against_float64():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(40, 30)) * np.logspace(0, 4, 40)[:, None]
+  g32 = np.asarray(x @ x.T, np.float32)
+  a32 = np.abs(rng.normal(size=40)).astype(np.float32)
+  ref = g32.astype(np.float64) @ a32.astype(np.float64)
+  got = np.asarray(jax.jit(mgda_jax.accurate_matvec)(g32, a32), np.float64)
+  plain = np.asarray(jax.jit(jnp.matmul)(g32, a32), np.float64)
+  scale = np.abs(g32.astype(np.float64)) @ a32.astype(np.float64)
+  assert np.max(np.abs(got - ref) / scale) < 2 * np.finfo(np.float32).eps
+  # (the plain product is typically ~10x worse; not asserted: it depends on
+  # the summation order XLA picks)
+  del plain

@@ -50,7 +50,7 @@ def alpha_and_update(params, x, y, dtype):
   tx = mgda_jax.mgda_ub(K)
   update, state = jax.jit(tx.update)(g, tx.init(params), params,
                                      losses=losses)
-  return g, state.info, update
+  return g, state, update
 
 
 @pytest.mark.parametrize('seed', range(8))
@@ -59,7 +59,7 @@ def test_bf16_activations_give_float32_quality_alpha(seed):
   g16, info16, upd16 = alpha_and_update(params, x, y, jnp.bfloat16)
   g32, info32, upd32 = alpha_and_update(params, x, y, jnp.float32)
   assert g16.rep_grads.dtype == jnp.bfloat16
-  assert info16.weights.dtype == jnp.float32 and bool(info16.converged)
+  assert info16.weights.dtype == jnp.float32 and bool(info16.info.converged)
   # Stated tolerance: alpha within 0.03 (absolute) of the float32 alpha ...
   np.testing.assert_allclose(info16.weights, info32.weights, atol=0.03)
   # ... and, judged on the exact float32 problem, within 1% of its optimum.

@@ -28,18 +28,39 @@ def run_script(name, *args):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_data_parallel_mgda_matches_single_device():
-  out = run_script('multidevice_script.py')
-  for name in ('shard_map_mgda_ub_update', 'shard_map_mgda_ub_alpha',
-               'shard_map_mgda_update', 'shard_map_mgda_alpha',
-               'jit_sharded_mgda_ub_update', 'jit_sharded_mgda_ub_alpha',
-               'untyped_mgda_ub_update', 'untyped_mgda_ub_alpha',
-               'untyped_mgda_update', 'untyped_mgda_alpha',
-               'typed_no_axis_mgda_ub_update', 'typed_no_axis_mgda_ub_alpha',
-               'typed_no_axis_upgrad_update', 'typed_no_axis_upgrad_weights'):
-    assert out[name] <= 2e-5, (name, out)
-  assert out['shard_map_traces'] == 1, out  # 4 steps, one compilation
-  assert out['jit_sharded_input_devices'] == 8, out
+@pytest.fixture(scope='module')
+def report():
+  return run_script('multidevice_script.py')
+
+
+MODES = ('jit_explicit', 'jit_auto', 'shard_map', 'shard_map_untyped', 'pmap')
+
+
+def _cases():
+  import mgda_jax  # pylint: disable=g-import-not-at-top
+  return [f'{n}|{kind}' for n, s in mgda_jax.METHODS.items()
+          for kind in s.inputs]
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_every_method_is_exact_in_every_data_parallel_mode(report, mode):
+  """One step on 8 devices equals the one-device step on the whole batch.
+
+  Every registered method, both inputs (representation and parameter
+  gradients): the update, the weights and the method's own state (float32
+  reassociation only; CAGrad's dual solve stops at its 1e-5 gap).
+  """
+  cases = _cases()
+  assert len(cases) >= 40
+  bad = {}
+  for case in cases:
+    r = report[f'{mode}|{case}']
+    # The problem is well conditioned (K = 3 tasks, 320 examples' worth of
+    # representation), so the weights are stable to reassociation as well.
+    if (r['update'] > 1e-4 or r['weights'] > 1e-3 or r['inner'] > 1e-4
+        or r['count'] != 1 or r['result'] != 0):
+      bad[case] = r
+  assert not bad, bad
 
 
 @pytest.mark.parametrize('method', ['mgda_ub', 'mgda'])

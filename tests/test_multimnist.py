@@ -169,16 +169,29 @@ def fixture_data():
 
 
 @pytest.mark.parametrize('method', default.METHODS)
-def test_every_method_trains_an_epoch(method, data, tmp_path):
+def test_every_configured_method_builds(method):
+  """Every method of the config builds its transform and gradient kind.
+
+  (What each method computes is tested for every registered method in
+  tests/test_every_method.py; training every one here cost minutes and
+  could not fail.)
+  """
+  config = test_config.get_config(method=method)
+  tx, kind, diagnostics = train.make_method(config, 2)
+  assert kind in ('representation', 'parameters')
+  assert callable(diagnostics) and hasattr(tx, 'update')
+
+
+@pytest.mark.parametrize('method', ['mgda_ub', 'mgda', 'graddrop',
+                                    'single_task'])
+def test_an_epoch_records_well_formed_metrics(method, data, tmp_path):
   config = test_config.get_config(method=method, epochs=1)
-  result = train.train_and_evaluate(config, str(tmp_path), data,
-                                    log=lambda _: None)
-  for name in ('left', 'right'):
-    assert 0.0 <= result[f'test_acc_{name}'] <= 1.0
+  train.train_and_evaluate(config, str(tmp_path), data, log=lambda _: None)
   if method != 'single_task':
     with open(tmp_path / 'metrics.jsonl') as f:
       record = json.loads(f.readline())
     assert np.all(np.isfinite(record['train_loss']))
+    assert 'nonfinite_steps' not in record  # written only when some were
     assert len(record['weights']) == 2
     if method == 'graddrop':  # no task weights: null, not NaN, in JSON
       assert record['weights'] == [None, None]

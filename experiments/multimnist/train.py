@@ -48,7 +48,7 @@ def _gradient_methods(config, k, seed):
                                           key=seed),
       'cagrad': lambda: mgda_jax.cagrad(k, c=config.cagrad_c),
       'imtl_g': lambda: mgda_jax.imtl_g(k),
-      'nash_mtl': lambda: mgda_jax.nash_mtl(k),
+      'nash_mtl': lambda: mgda_jax.nash_mtl(k, normalize=True),  # as in RESULTS.md
       'aligned_mtl': lambda: mgda_jax.aligned_mtl(k),
       'upgrad': lambda: mgda_jax.upgrad(k),
       'dualproj': lambda: mgda_jax.dualproj(k),
@@ -104,20 +104,15 @@ def make_method(config: default_config.Config, num_tasks: int,
   sgd = optax.apply_if_finite(
       optax.sgd(config.learning_rate, momentum=config.momentum),
       max_consecutive_errors=100)
-  nan = jnp.full((), jnp.nan)
-  zero = jnp.zeros((), jnp.int32)
   m = config.method
   seed = config.seed
 
   def solver_info(state):
-    info = state[0].info
-    return info.weights, info.gap, info.num_steps
+    # Every method's state is a mgda_jax.MethodState: the last weights (NaN
+    # for GradDrop) and the inner solve's certificate and steps.
+    return state[0].weights, state[0].info.error, state[0].info.num_steps
 
-  def weights_only(state):
-    w = getattr(state[0], 'weights', None)
-    if w is None:  # GradDrop has no task weights
-      w = jnp.full((num_tasks,), jnp.nan)
-    return w, nan, zero
+  weights_only = solver_info
 
   if m == 'mgda_ub':
     tx = mgda_jax.mgda_ub(num_tasks, normalizer=config.normalizer)

@@ -32,13 +32,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mgda_jax._src import aggregation
-from mgda_jax._src import mgda as mgda_lib
-from mgda_jax._src.loss_weighting import check_k
-from mgda_jax._src.loss_weighting import check_losses
-from mgda_jax._src.loss_weighting import fixed_weighting
-from mgda_jax._src.loss_weighting import weighted_update
-from mgda_jax._src.loss_weighting import WeightingState
+from mgda_jax._src.core import checks
+from mgda_jax._src.core import results
+from mgda_jax._src.weightings.basic import fixed_weighting
+from mgda_jax._src.weightings.basic import loss_method
 
 
 def _inverse(x):
@@ -46,69 +43,58 @@ def _inverse(x):
   return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
 
 
-def _losses(updates, losses, num_tasks, factory):
-  k = check_k(updates, num_tasks, factory)
-  return jax.lax.stop_gradient(
-      check_losses(losses, k, factory)).astype(jnp.float32)
+def _closed():
+  return results.closed_form_info()
 
 
-class InitialLossState(NamedTuple):
-  """State of :func:`initial_loss_weighting` and :func:`lbtw`.
+class InitialLossInner(NamedTuple):
+  """Inner state of :func:`initial_loss_weighting` and :func:`lbtw`.
 
   Attributes:
-    count: updates so far.
-    weights: the weights of the last update.
-    initial_losses: ``L^(0)``, recorded at the first update.
+    initial_losses: ``L^(0)``, recorded at the first (finite) update.
   """
 
-  count: jax.Array
-  weights: jax.Array
   initial_losses: jax.Array
 
 
-def _initial_state(num_tasks):
-  def init_fn(params):
-    del params
-    ones = jnp.ones((num_tasks,), jnp.float32)
-    return InitialLossState(jnp.zeros((), jnp.int32), ones, ones)
-  return init_fn
+def _initial_inner(num_tasks):
+  return lambda dtype: InitialLossInner(jnp.ones((num_tasks,), jnp.float32))
 
 
-def initial_loss_weighting(
-    num_tasks: int) -> optax.GradientTransformationExtraArgs:
+def initial_loss_weighting(num_tasks: int, *, axis_name=None
+                           ) -> optax.GradientTransformationExtraArgs:
   """Initial-loss weighting, ``w_t = 1 / L_t^(0)``.
 
-  ``L^(0)`` is the loss vector of the first update (one batch). Dividing by
-  it makes every task's loss start at 1, so the weighting is invariant to
-  rescaling a task's loss (not to shifting it).
+  ``L^(0)`` is the loss vector of the first update with finite losses (one
+  batch). Dividing by it makes every task's loss start at 1, so the
+  weighting is invariant to rescaling a task's loss (not to shifting it).
 
   Args:
     num_tasks: ``K`` (static).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap``.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` with :class:`InitialLossState`;
-    ``update`` needs ``losses=``.
+    A ``GradientTransformationExtraArgs`` with state
+    :class:`mgda_jax.MethodState`; ``update`` needs ``losses=``.
 
   References:
     Vandenhende et al., *Multi-Task Learning for Dense Prediction Tasks: A
     Survey*, TPAMI 2021, https://arxiv.org/abs/2004.13379
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'initial_loss_weighting')
+  num_tasks = checks.check_num_tasks(num_tasks, 'initial_loss_weighting')
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del params, extra_args
-    losses = _losses(updates, losses, num_tasks, 'initial_loss_weighting')
-    initial = jnp.where(state.count == 0, losses, state.initial_losses)
-    w = _inverse(initial)
-    return weighted_update(updates, w), InitialLossState(
-        optax.safe_increment(state.count), w, initial)
+  def rule(inp, inner):
+    initial = jnp.where(inp.count == 0, inp.losses, inner.initial_losses)
+    return _inverse(initial), InitialLossInner(initial), _closed()
 
-  return optax.GradientTransformationExtraArgs(_initial_state(num_tasks),
-                                               update_fn)
+  return loss_method('initial_loss_weighting', num_tasks, rule,
+                     _initial_inner(num_tasks), needs_losses=True,
+                     axis_name=axis_name)
 
 
-def lbtw(num_tasks: int, *,
-         alpha: float = 0.5) -> optax.GradientTransformationExtraArgs:
+def lbtw(num_tasks: int, *, alpha: float = 0.5,
+         axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Loss-balanced task weighting, ``w_t = (L_t / L_t^(0))^alpha``.
 
   Tasks whose loss has fallen most (relative to the first update) are
@@ -119,29 +105,28 @@ def lbtw(num_tasks: int, *,
     num_tasks: ``K`` (static).
     alpha: the exponent (``inject_hyperparams``-able); 0 is uniform
       weighting.
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap``.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` with :class:`InitialLossState`;
-    ``update`` needs ``losses=``.
+    A ``GradientTransformationExtraArgs`` with state
+    :class:`mgda_jax.MethodState`; ``update`` needs ``losses=``.
 
   References:
     Liu, Liang & Gitter, *Loss-Balanced Task Weighting to Reduce Negative
     Transfer in Multi-Task Learning*, AAAI 2019 (student abstract),
     https://doi.org/10.1609/aaai.v33i01.33019977
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'lbtw')
+  num_tasks = checks.check_num_tasks(num_tasks, 'lbtw')
+  checks.check_scalar('lbtw', 'alpha', alpha)
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del params, extra_args
-    losses = _losses(updates, losses, num_tasks, 'lbtw')
-    initial = jnp.where(state.count == 0, losses, state.initial_losses)
-    ratio = jnp.maximum(losses * _inverse(initial), 0.0)
-    w = ratio ** alpha
-    return weighted_update(updates, w), InitialLossState(
-        optax.safe_increment(state.count), w, initial)
+  def rule(inp, inner):
+    initial = jnp.where(inp.count == 0, inp.losses, inner.initial_losses)
+    ratio = jnp.maximum(inp.losses * _inverse(initial), 0.0)
+    return ratio ** alpha, InitialLossInner(initial), _closed()
 
-  return optax.GradientTransformationExtraArgs(_initial_state(num_tasks),
-                                               update_fn)
+  return loss_method('lbtw', num_tasks, rule, _initial_inner(num_tasks),
+                     needs_losses=True, axis_name=axis_name)
 
 
 def classification_prior(class_frequencies) -> jax.Array:
@@ -181,7 +166,8 @@ def regression_prior(targets, axis=0) -> jax.Array:
   return jnp.sum(jnp.mean(centred ** 2, axis=axis))
 
 
-def prior_loss_weighting(priors) -> optax.GradientTransformationExtraArgs:
+def prior_loss_weighting(priors, *, axis_name=None
+                         ) -> optax.GradientTransformationExtraArgs:
   """Prior-loss weighting, ``w_t = 1 / L_t^prior``, from label statistics.
 
   Build ``priors`` with :func:`classification_prior` (entropy of the class
@@ -190,6 +176,8 @@ def prior_loss_weighting(priors) -> optax.GradientTransformationExtraArgs:
 
   Args:
     priors: the ``K`` prior losses (positive).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap``.
 
   Returns:
     A :func:`mgda_jax.fixed_weighting` with weights ``1 / priors``.
@@ -202,11 +190,13 @@ def prior_loss_weighting(priors) -> optax.GradientTransformationExtraArgs:
   if priors.ndim != 1 or priors.shape[0] == 0:
     raise ValueError('prior_loss_weighting needs a (K,) vector of prior '
                      f'losses; got shape {priors.shape}.')
-  return fixed_weighting(_inverse(priors))
+  checks.check_scalar('prior_loss_weighting', 'priors', priors, low=0.0,
+                      low_open=True)
+  return fixed_weighting(_inverse(priors), axis_name=axis_name)
 
 
-def realtime_loss_weighting(
-    num_tasks: int) -> optax.GradientTransformationExtraArgs:
+def realtime_loss_weighting(num_tasks: int, *, axis_name=None
+                            ) -> optax.GradientTransformationExtraArgs:
   """Real-time loss weighting, ``w_t = 1 / sg(L_t)`` (geometric loss strategy).
 
   The update ``sum_t grad L_t / L_t`` is ``K`` times the gradient of the
@@ -216,43 +206,35 @@ def realtime_loss_weighting(
 
   Args:
     num_tasks: ``K`` (static).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap``.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` with :class:`WeightingState`;
-    ``update`` needs ``losses=``.
+    A ``GradientTransformationExtraArgs`` with state
+    :class:`mgda_jax.MethodState`; ``update`` needs ``losses=``.
 
   References:
     Chennupati, Sistu, Yogamani & Rawashdeh, *MultiNet++: Multi-Stream
     Feature Aggregation and Geometric Loss Strategy for Multi-Task
     Learning*, CVPR Workshops 2019, https://arxiv.org/abs/1904.08492
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'realtime_loss_weighting')
+  num_tasks = checks.check_num_tasks(num_tasks, 'realtime_loss_weighting')
 
-  def init_fn(params):
-    del params
-    return WeightingState(jnp.zeros((), jnp.int32),
-                          jnp.ones((num_tasks,), jnp.float32))
+  def rule(inp, inner):
+    return _inverse(inp.losses), inner, _closed()
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del params, extra_args
-    losses = _losses(updates, losses, num_tasks, 'realtime_loss_weighting')
-    w = _inverse(losses)
-    return weighted_update(updates, w), WeightingState(
-        optax.safe_increment(state.count), w)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return loss_method('realtime_loss_weighting', num_tasks, rule,
+                     lambda dtype: (), needs_losses=True, axis_name=axis_name)
 
 
 # ----------------------------------------------------------------------------
 # DWA
 
 
-class DWAState(NamedTuple):
-  """State of :func:`dwa`.
+class DWAInner(NamedTuple):
+  """Inner state of :func:`dwa`.
 
   Attributes:
-    count: updates so far.
-    weights: the weights of the last update.
     loss_sum: sum of the losses over the current epoch so far.
     epoch_steps: updates in the current epoch so far.
     last: average losses of the last completed epoch, ``L(e-1)``.
@@ -260,8 +242,6 @@ class DWAState(NamedTuple):
     epochs: completed epochs.
   """
 
-  count: jax.Array
-  weights: jax.Array
   loss_sum: jax.Array
   epoch_steps: jax.Array
   last: jax.Array
@@ -270,7 +250,8 @@ class DWAState(NamedTuple):
 
 
 def dwa(num_tasks: int, *, temperature: float = 2.0,
-        steps_per_epoch: int = 1) -> optax.GradientTransformationExtraArgs:
+        steps_per_epoch: int = 1,
+        axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Dynamic weight average (Liu, Johns & Davison 2019, Eq. 7).
 
   .. math::
@@ -284,71 +265,63 @@ def dwa(num_tasks: int, *, temperature: float = 2.0,
 
   Args:
     num_tasks: ``K`` (static).
-    temperature: ``T`` (the paper uses 2; ``inject_hyperparams``-able).
-    steps_per_epoch: updates per "epoch" of loss averaging. The paper
-      averages over real epochs; ``1`` makes it per step.
+    temperature: ``T > 0`` (the paper uses 2; ``inject_hyperparams``-able).
+    steps_per_epoch: updates per "epoch" of loss averaging (``>= 1``). The
+      paper averages over real epochs; ``1`` makes it per step.
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap``.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` with :class:`DWAState`;
-    ``update`` needs ``losses=``.
+    A ``GradientTransformationExtraArgs`` with state
+    :class:`mgda_jax.MethodState`; ``update`` needs ``losses=``.
 
   References:
     Liu, Johns & Davison, *End-to-End Multi-Task Learning with Attention*,
     CVPR 2019, https://arxiv.org/abs/1803.10704
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'dwa')
-  if not isinstance(steps_per_epoch, jax.core.Tracer) and (
-      steps_per_epoch < 1):
-    raise ValueError(f'dwa: steps_per_epoch must be >= 1; got '
-                     f'{steps_per_epoch}.')
+  num_tasks = checks.check_num_tasks(num_tasks, 'dwa')
+  checks.check_scalar('dwa', 'temperature', temperature, low=0.0,
+                      low_open=True)
+  checks.check_scalar('dwa', 'steps_per_epoch', steps_per_epoch, low=1,
+                      integer=True)
 
-  def init_fn(params):
-    del params
+  def init_inner(dtype):
+    del dtype
     ones = jnp.ones((num_tasks,), jnp.float32)
     zero = jnp.zeros((), jnp.int32)
-    return DWAState(zero, ones, jnp.zeros_like(ones), zero, ones, ones, zero)
+    return DWAInner(jnp.zeros_like(ones), zero, ones, ones, zero)
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del params, extra_args
-    losses = _losses(updates, losses, num_tasks, 'dwa')
-    ratio = state.last * _inverse(state.before_last)
+  def rule(inp, inner):
+    ratio = inner.last * _inverse(inner.before_last)
     w = num_tasks * jax.nn.softmax(ratio / temperature)
-    w = jnp.where(state.epochs >= 2, w, jnp.ones_like(w))
-    loss_sum = state.loss_sum + losses
-    steps = state.epoch_steps + 1
+    w = jnp.where(inner.epochs >= 2, w, jnp.ones_like(w))
+    loss_sum = inner.loss_sum + inp.losses
+    steps = inner.epoch_steps + 1
     end = steps >= steps_per_epoch
     mean = loss_sum / steps
-    return weighted_update(updates, w), DWAState(
-        count=optax.safe_increment(state.count), weights=w,
+    return w, DWAInner(
         loss_sum=jnp.where(end, 0.0, loss_sum),
         epoch_steps=jnp.where(end, 0, steps),
-        last=jnp.where(end, mean, state.last),
-        before_last=jnp.where(end, state.last, state.before_last),
-        epochs=state.epochs + end.astype(jnp.int32))
+        last=jnp.where(end, mean, inner.last),
+        before_last=jnp.where(end, inner.last, inner.before_last),
+        epochs=inner.epochs + end.astype(jnp.int32)), _closed()
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return loss_method('dwa', num_tasks, rule, init_inner, needs_losses=True,
+                     axis_name=axis_name)
 
 
 # ----------------------------------------------------------------------------
 # DTP
 
 
-class DTPState(NamedTuple):
-  """State of :func:`dtp`.
+class DTPInner(NamedTuple):
+  """Inner state of :func:`dtp`: the moving average ``kbar`` of the KPIs."""
 
-  Attributes:
-    count: updates so far.
-    weights: the weights of the last update.
-    kpi: the moving average ``kbar`` of the KPIs.
-  """
-
-  count: jax.Array
-  weights: jax.Array
   kpi: jax.Array
 
 
-def dtp(num_tasks: int, *, gamma: float = 1.0,
-        kpi_rate: float = 0.5) -> optax.GradientTransformationExtraArgs:
+def dtp(num_tasks: int, *, gamma: float = 1.0, kpi_rate: float = 0.5,
+        axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Dynamic task prioritisation (Guo et al. 2018): focus on hard tasks.
 
   .. math::
@@ -363,85 +336,76 @@ def dtp(num_tasks: int, *, gamma: float = 1.0,
 
   Args:
     num_tasks: ``K`` (static).
-    gamma: the focusing exponent (``inject_hyperparams``-able).
-    kpi_rate: ``a``, the weight of the new KPI in the moving average.
+    gamma: the focusing exponent, ``>= 0`` (``inject_hyperparams``-able).
+    kpi_rate: ``a`` in ``[0, 1]``, the weight of the new KPI in the moving
+      average.
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (per-device KPIs are then each device's share of the
+      global mean, like the losses).
 
   Returns:
-    A ``GradientTransformationExtraArgs`` with :class:`DTPState`;
-    ``update`` needs ``kpis=``.
+    A ``GradientTransformationExtraArgs`` with state
+    :class:`mgda_jax.MethodState`; ``update`` needs ``kpis=``.
 
   References:
     Guo, Haque, Huang, Yeung & Fei-Fei, *Dynamic Task Prioritization for
     Multitask Learning*, ECCV 2018.
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'dtp')
+  num_tasks = checks.check_num_tasks(num_tasks, 'dtp')
+  checks.check_scalar('dtp', 'gamma', gamma, low=0.0)
+  checks.check_scalar('dtp', 'kpi_rate', kpi_rate, low=0.0, high=1.0)
 
-  def init_fn(params):
-    del params
-    ones = jnp.ones((num_tasks,), jnp.float32)
-    return DTPState(jnp.zeros((), jnp.int32), ones, ones)
-
-  def update_fn(updates, state, params=None, *, kpis=None, **extra_args):
-    del params, extra_args
-    k = check_k(updates, num_tasks, 'dtp')
-    if kpis is None:
-      raise ValueError('dtp needs the task KPIs in [0, 1]: pass kpis=<array '
-                       'of shape (K,)> (e.g. batch accuracies) to update.')
-    kpis = jax.lax.stop_gradient(jnp.asarray(kpis, jnp.float32))
-    if kpis.shape != (k,):
-      raise ValueError(f'dtp: kpis must have shape ({k},); got {kpis.shape}.')
-    kbar = jnp.where(state.count == 0, kpis,
-                     kpi_rate * kpis + (1.0 - kpi_rate) * state.kpi)
+  def rule(inp, inner):
+    kbar = jnp.where(inp.count == 0, inp.kpis,
+                     kpi_rate * inp.kpis + (1.0 - kpi_rate) * inner.kpi)
     kbar = jnp.clip(kbar, 1e-6, 1.0)
     w = -((1.0 - kbar) ** gamma) * jnp.log(kbar)
-    return weighted_update(updates, w), DTPState(
-        optax.safe_increment(state.count), w, kbar)
+    return w, DTPInner(kbar), _closed()
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return loss_method('dtp', num_tasks, rule,
+                     lambda dtype: DTPInner(jnp.ones((num_tasks,),
+                                                     jnp.float32)),
+                     needs_kpis=True, axis_name=axis_name)
 
 
 # ----------------------------------------------------------------------------
 # RLW
 
 
-class RLWState(NamedTuple):
-  """State of :func:`rlw`: the count, last weights, and the PRNG key."""
+class RLWInner(NamedTuple):
+  """Inner state of :func:`rlw`: the PRNG key for the next draw."""
 
-  count: jax.Array
-  weights: jax.Array
   key: jax.Array
 
 
-def rlw(num_tasks: int, *, key=0) -> optax.GradientTransformationExtraArgs:
+def rlw(num_tasks: int, *, key=0,
+        axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Random loss weighting: ``w = softmax(z)``, ``z ~ N(0, I)`` every step.
 
   Args:
     num_tasks: ``K`` (static).
     key: PRNG key or int seed; the state carries it and splits it every
       step, so a run is reproducible.
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap``.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` with :class:`RLWState`.
+    A ``GradientTransformationExtraArgs`` with state
+    :class:`mgda_jax.MethodState`.
 
   References:
     Lin, Ye, Xu, Shi & Zhang, *Reasonable Effectiveness of Random Weighting:
     A Litmus Test for Multi-Task Learning*, TMLR 2022,
     https://arxiv.org/abs/2111.10603
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'rlw')
-  key0 = aggregation.as_key(key)
+  num_tasks = checks.check_num_tasks(num_tasks, 'rlw')
+  key0 = checks.as_key(key)
 
-  def init_fn(params):
-    del params
-    return RLWState(jnp.zeros((), jnp.int32),
-                    jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32), key0)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    check_k(updates, num_tasks, 'rlw')
-    step_key, next_key = jax.random.split(state.key)
+  def rule(inp, inner):
+    del inp
+    step_key, next_key = jax.random.split(inner.key)
     w = jax.nn.softmax(jax.random.normal(step_key, (num_tasks,), jnp.float32))
-    return weighted_update(updates, w), RLWState(
-        optax.safe_increment(state.count), w, next_key)
+    return w, RLWInner(next_key), _closed()
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return loss_method('rlw', num_tasks, rule, lambda dtype: RLWInner(key0),
+                     axis_name=axis_name)

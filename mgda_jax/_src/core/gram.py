@@ -1,9 +1,10 @@
-"""Gram matrices of per-task gradients, and task-axis checks."""
+"""Gram matrices of per-task gradients, and the task-axis check."""
 
 import jax
 import jax.numpy as jnp
 
-from mgda_jax._src import dtypes
+from mgda_jax._src.core import devices
+from mgda_jax._src.core import dtypes
 
 
 def num_tasks(task_tree, name: str = 'task_grads') -> int:
@@ -17,8 +18,8 @@ def num_tasks(task_tree, name: str = 'task_grads') -> int:
     ``K``, a Python int (static).
 
   Raises:
-    ValueError: at trace time, if the tree has no leaves, a leaf is a scalar,
-      the leading axes disagree, or ``K == 0``.
+    ValueError: at trace time, if the tree has no leaves, a leaf is a scalar
+      or not an array, the leading axes disagree, or ``K == 0``.
   """
   leaves = jax.tree_util.tree_leaves_with_path(task_tree)
   if not leaves:
@@ -26,6 +27,11 @@ def num_tasks(task_tree, name: str = 'task_grads') -> int:
                      'leaves have a leading task axis.')
   sizes = {}
   for path, leaf in leaves:
+    if not hasattr(leaf, 'shape'):
+      raise ValueError(
+          f'{name} leaf {jax.tree_util.keystr(path)} is a '
+          f'{type(leaf).__name__}, not an array; every leaf must be an array '
+          'with a leading task axis of size K.')
     shape = jnp.shape(leaf)
     if not shape:
       raise ValueError(
@@ -51,10 +57,11 @@ def gram_matrix(task_grads) -> jax.Array:
     G_{st} = \\langle g_s, g_t \\rangle = \\sum_{\\text{leaves}}
     \\operatorname{vec}(g_s^{leaf}) \\cdot \\operatorname{vec}(g_t^{leaf})
 
-  Each leaf is flattened to ``(K, -1)`` and contributes one matrix product,
+  Each leaf contributes one contraction over all its non-task axes,
   accumulated in float32 (float64 for float64 leaves) at the highest matmul
   precision, so bfloat16 gradients and TF32-capable GPUs do not degrade the
-  Gram matrix.
+  Gram matrix. With a batch sharded over an ``Explicit`` mesh the result is
+  replicated (XLA all-reduces the per-device blocks).
 
   Args:
     task_grads: a pytree whose leaves have a leading task axis ``K`` (the
@@ -79,57 +86,17 @@ def gram_matrix(task_grads) -> jax.Array:
   """
   k = num_tasks(task_grads)
   leaves = jax.tree_util.tree_leaves(task_grads)
+  for leaf in leaves:
+    dtypes.solve_dtype(leaf.dtype)  # rejects integer leaves with a message
   dtype = dtypes.solve_dtype(jnp.result_type(*[leaf.dtype for leaf in leaves]))
   gram = jnp.zeros((k, k), dtype)
   for leaf in leaves:
-    dtypes.solve_dtype(leaf.dtype)  # rejects integer leaves with a message
-    flat = jnp.reshape(leaf, (k, -1))
+    axes = tuple(range(1, leaf.ndim))
+    if not axes:
+      leaf = leaf[:, None]
+      axes = (1,)
     gram = gram + jax.lax.dot_general(
-        flat, flat, (((1,), (1,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
+        leaf, leaf, ((axes, axes), ((), ())),
+        precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype,
+        out_sharding=devices.contract_out_sharding(leaf))
   return gram
-
-
-def _leaf_varying(leaf) -> frozenset:
-  aval = jax.typeof(leaf)
-  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.9
-  if manual is not None:
-    return frozenset(getattr(manual, 'varying', ()) or ())
-  return frozenset(getattr(aval, 'vma', ()) or ())  # older jax
-
-
-def untyped_axis(axis_name) -> bool:
-  """Whether ``axis_name`` is a mapped axis whose values carry no varying type.
-
-  True inside ``pmap`` or ``jax.shard_map(..., check_vma=False)``; False in
-  typed ``shard_map`` (where ``axis_index`` itself is typed as varying) and
-  when ``axis_name`` is None.
-  """
-  if axis_name is None:
-    return False
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  return not set(names) <= _leaf_varying(jax.lax.axis_index(axis_name))
-
-
-def sum_over_devices(tree, axis_name, *, legacy: bool):
-  """``psum`` of a per-device quantity over the data-parallel axis.
-
-  Inside ``jax.shard_map`` with its type checks on (the default), a value's
-  type records the axes it varies over, and a gradient w.r.t. replicated
-  parameters comes back already summed (the transpose of the implicit
-  broadcast is a ``psum``): only values that still vary are summed, over
-  exactly those axes (restricted to ``axis_name`` when given). With
-  ``legacy=True`` (``check_vma=False``, or ``pmap``) types say nothing, and
-  everything is summed over ``axis_name``.
-  """
-  if legacy:
-    return jax.lax.psum(tree, axis_name) if axis_name is not None else tree
-
-  def one(leaf):
-    axes = set(_leaf_varying(leaf))
-    if axis_name is not None:
-      names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-      axes &= set(names)
-    return jax.lax.psum(leaf, tuple(sorted(axes))) if axes else leaf
-
-  return jax.tree.map(one, tree)

@@ -27,25 +27,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mgda_jax._src import mgda as mgda_lib
-from mgda_jax._src.loss_weighting import check_k
-from mgda_jax._src.loss_weighting import check_losses
-from mgda_jax._src.loss_weighting import weighted_update
+from mgda_jax._src.core import checks
+from mgda_jax._src.core import results
+from mgda_jax._src.weightings.basic import loss_method
 
 
-class FAMOState(NamedTuple):
-  """State of :func:`famo`.
+class FAMOInner(NamedTuple):
+  """Inner state of :func:`famo`.
 
   Attributes:
-    count: updates so far.
-    weights: the weights ``w`` of the last update (they sum to 1).
     logits: ``xi``.
-    prev_losses: the losses of the last update.
+    prev_losses: the losses of the last (finite) update.
     opt_state: the Adam state of ``xi``.
   """
 
-  count: jax.Array
-  weights: jax.Array
   logits: jax.Array
   prev_losses: jax.Array
   opt_state: Any
@@ -53,58 +48,62 @@ class FAMOState(NamedTuple):
 
 def famo(num_tasks: int, *, learning_rate: float = 0.025,
          weight_decay: float = 1e-3,
-         min_losses=0.0, eps: float = 1e-8
-         ) -> optax.GradientTransformationExtraArgs:
+         min_losses=0.0, eps: float = 1e-8,
+         axis_name=None) -> optax.GradientTransformationExtraArgs:
   """FAMO as an optax transform (see the module docstring).
 
   Args:
     num_tasks: ``K`` (static).
-    learning_rate: Adam step size of the logits (the paper's ``beta``;
-      ``inject_hyperparams``-able).
-    weight_decay: L2 decay of the logits (the paper's ``gamma``).
+    learning_rate: Adam step size of the logits (the paper's ``beta``,
+      ``> 0``; ``inject_hyperparams``-able).
+    weight_decay: L2 decay of the logits (the paper's ``gamma``, ``>= 0``).
     min_losses: lower bounds of the losses (0 for cross-entropy); FAMO uses
       ``L_t - min_t + eps``.
-    eps: the offset keeping the logarithms finite.
+    eps: the offset keeping the logarithms finite (``> 0``).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap``.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` with :class:`FAMOState`;
+    A ``GradientTransformationExtraArgs`` with state
+    :class:`mgda_jax.MethodState` (``inner``: :class:`FAMOInner`);
     ``update`` needs ``losses=``.
 
   References:
     Liu, Liang, Stone & Liu, *FAMO: Fast Adaptive Multitask Optimization*,
     NeurIPS 2023, https://arxiv.org/abs/2306.03792
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'famo')
+  num_tasks = checks.check_num_tasks(num_tasks, 'famo')
+  checks.check_scalar('famo', 'learning_rate', learning_rate, low=0.0,
+                      low_open=True)
+  checks.check_scalar('famo', 'weight_decay', weight_decay, low=0.0)
+  checks.check_scalar('famo', 'min_losses', min_losses)
+  checks.check_scalar('famo', 'eps', eps, low=0.0, low_open=True)
   logit_opt = optax.chain(optax.add_decayed_weights(weight_decay),
                           optax.adam(learning_rate))
 
-  def init_fn(params):
-    del params
+  def init_inner(dtype):
+    del dtype
     xi = jnp.zeros((num_tasks,), jnp.float32)
-    return FAMOState(jnp.zeros((), jnp.int32),
-                     jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32), xi,
-                     jnp.ones((num_tasks,), jnp.float32), logit_opt.init(xi))
+    return FAMOInner(xi, jnp.ones((num_tasks,), jnp.float32),
+                     logit_opt.init(xi))
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del params, extra_args
-    k = check_k(updates, num_tasks, 'famo')
-    losses = jax.lax.stop_gradient(check_losses(losses, k, 'famo')).astype(
-        jnp.float32)
+  def rule(inp, inner):
+    losses = inp.losses.astype(jnp.float32)
     shifted = jnp.maximum(losses - min_losses, 0.0) + eps
     # Learn the logits from the change in log-loss since the last update.
-    delta = jnp.log(jnp.maximum(state.prev_losses - min_losses, 0.0) + eps) - (
+    delta = jnp.log(jnp.maximum(inner.prev_losses - min_losses, 0.0) + eps) - (
         jnp.log(shifted))
-    _, softmax_vjp = jax.vjp(jax.nn.softmax, state.logits)
+    _, softmax_vjp = jax.vjp(jax.nn.softmax, inner.logits)
     grad_xi = softmax_vjp(delta)[0]
-    step, opt_state = logit_opt.update(grad_xi, state.opt_state, state.logits)
-    first = state.count == 0
-    xi = jnp.where(first, state.logits, optax.apply_updates(state.logits,
+    step, opt_state = logit_opt.update(grad_xi, inner.opt_state, inner.logits)
+    first = inp.count == 0
+    xi = jnp.where(first, inner.logits, optax.apply_updates(inner.logits,
                                                             step))
     opt_state = jax.tree.map(lambda new, old: jnp.where(first, old, new),
-                             opt_state, state.opt_state)
+                             opt_state, inner.opt_state)
     z = jax.nn.softmax(xi)
     w = (z / shifted) / jnp.sum(z / shifted)
-    return weighted_update(updates, w), FAMOState(
-        optax.safe_increment(state.count), w, xi, losses, opt_state)
+    return w, FAMOInner(xi, losses, opt_state), results.closed_form_info()
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return loss_method('famo', num_tasks, rule, init_inner, needs_losses=True,
+                     axis_name=axis_name)

@@ -39,7 +39,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mgda_jax._src import dtypes
+from mgda_jax._src.core import dtypes
+from mgda_jax._src.core import results
 
 
 class NonnegQPSolution(NamedTuple):
@@ -50,14 +51,18 @@ class NonnegQPSolution(NamedTuple):
     num_steps: active-set (outer) iterations taken.
     converged: the KKT conditions hold to the tolerance.
     kkt_violation: ``max(-min(grad), max|y * grad| / s) / s`` on the
-      Jacobi-scaled problem (variables ``y``, unit diagonal), where ``grad``
-      is its gradient and ``s = 1 + max|y| + max|c|`` the size of its terms.
+      Jacobi-scaled problem (variables ``y``, unit diagonal), with ``c``
+      divided by its largest entry (so the measure is scale-free), where
+      ``grad`` is its gradient and ``s = 1 + max|y| + max|c|`` the size of
+      its terms.
+    result: a :class:`mgda_jax.SolverResult` code.
   """
 
   x: jax.Array
   num_steps: jax.Array
   converged: jax.Array
   kkt_violation: jax.Array
+  result: jax.Array
 
 
 def default_qp_tol(dtype) -> float:
@@ -108,6 +113,13 @@ def nonneg_qp(gram: jax.Array, linear: jax.Array, *,
   inv_d = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 1.0)
   g = jnp.where(finite, gram, 0.0) * inv_d[:, None] * inv_d[None, :]
   c = jnp.where(finite, linear, 0.0) * inv_d
+  # Scale-free: min x^T g x / 2 + c^T x with c -> c / m has the solution
+  # x / m, so the tolerances mean the same for gradients of any size (an
+  # absolute tolerance stopped early on small gradients, leaving a
+  # conflicting direction that reported converged).
+  c_scale = jnp.max(jnp.abs(c))
+  c_scale = jnp.where(c_scale > 0, c_scale, 1.0)
+  c = c / c_scale
   eps = jnp.finfo(dtype).eps
   ridge = 100 * eps
   tol = default_qp_tol(dtype) if tol is None else tol
@@ -170,7 +182,8 @@ def nonneg_qp(gram: jax.Array, linear: jax.Array, *,
   violation = jnp.maximum(-jnp.min(grad),
                           jnp.max(jnp.abs(x * grad)) / size) / size
   violation = jnp.maximum(violation, 0.0)
-  x = jnp.where(finite, x * inv_d, jnp.nan)
+  x = jnp.where(finite, x * inv_d * c_scale, jnp.nan)
   converged = finite & (violation <= 10 * tol)
   return NonnegQPSolution(x, jnp.asarray(steps, jnp.int32), converged,
-                          jnp.where(finite, violation, jnp.nan))
+                          jnp.where(finite, violation, jnp.nan),
+                          results.result_code(converged, finite))

@@ -13,8 +13,10 @@ of the identity on the span of the old ones: with ``G = V Lambda V^T``
 so the aligned gradients are orthogonal, with the common norm
 ``sqrt(lambda_min)`` (the smallest non-zero singular value of ``J``): the
 linear system has condition number 1. The update is ``J B w`` for task
-preferences ``w`` (default all ones, as in LibMTL), i.e. weights ``alpha =
-B w`` on the original gradients. Eigenvalues below ``K eps max(eig)`` count
+preferences ``w`` (default all ones, as in LibMTL and the authors' code),
+i.e. weights ``alpha = B w`` on the original gradients. TorchJD's
+``AlignedMTL`` uses ``w = 1/K`` by default, so its update is this one
+divided by ``K``; pass ``preferences=jnp.full(K, 1 / K)`` to match it. Eigenvalues below ``K eps max(eig)`` count
 as zero (the rank cutoff of the reference code). ``B`` does not depend on the
 scale of ``G``.
 """
@@ -23,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mgda_jax._src import aggregation
-from mgda_jax._src import dtypes
-from mgda_jax._src import mgda as mgda_lib
+from mgda_jax._src import engine
+from mgda_jax._src.core import checks
+from mgda_jax._src.core import results
+from mgda_jax._src.core import dtypes
 
 
 def aligned_mtl_matrix(gram: jax.Array) -> jax.Array:
@@ -53,26 +56,31 @@ def aligned_mtl_weights(gram: jax.Array, preferences=None) -> jax.Array:
 
 
 def aligned_mtl(num_tasks: int, *, preferences=None,
-                shared=None) -> optax.GradientTransformationExtraArgs:
+                shared=None,
+    axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Aligned-MTL as an optax transform.
 
   Args:
     num_tasks: ``K`` (static).
-    preferences: the task preferences ``w`` (default ones).
-    shared: which per-task-gradient leaves are shared.
+    preferences: the task preferences ``w`` (default ones: ``K`` times
+      TorchJD's default scale, see the module docstring).
+    shared: which per-task-gradient leaves are shared (see
+      :func:`mgda_jax.mgda`).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (see the README's "Several devices").
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state
-    :class:`GradientMethodState` (``inner`` is ``()``).
+    :class:`MethodState` (``inner`` is ``()``).
 
   References:
     Senushkin, Patakin, Kuznetsov & Konushin, *Independent Component
     Alignment for Multi-Task Learning*, CVPR 2023,
     https://arxiv.org/abs/2305.19000
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'aligned_mtl')
-  return aggregation.gram_method(
+  num_tasks = checks.check_num_tasks(num_tasks, 'aligned_mtl')
+  return engine.gram_method(
       'aligned_mtl', num_tasks,
       lambda gram, inner, losses: (aligned_mtl_weights(gram, preferences),
                                    inner),
-      lambda dtype: (), shared=shared)
+      lambda dtype: (), shared=shared, axis_name=axis_name)

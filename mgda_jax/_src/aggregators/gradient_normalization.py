@@ -17,8 +17,9 @@ as for :func:`mgda_jax.gradnorm`.
 import jax.numpy as jnp
 import optax
 
-from mgda_jax._src import aggregation
-from mgda_jax._src import mgda as mgda_lib
+from mgda_jax._src import engine
+from mgda_jax._src.core import checks
+from mgda_jax._src.core import results
 
 
 SCALES = ('unit', 'mean')
@@ -43,7 +44,8 @@ def unit_norm_weights(gram, scale: str = 'unit'):
 
 
 def gradient_normalization(num_tasks: int, *, scale: str = 'unit',
-                           shared=None) -> optax.GradientTransformationExtraArgs:
+                           shared=None,
+    axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Gradient-norm normalisation as an optax transform (module docstring).
 
   With ``scale='unit'`` every task gradient is scaled to norm 1 (the
@@ -60,11 +62,14 @@ def gradient_normalization(num_tasks: int, *, scale: str = 'unit',
   Args:
     num_tasks: ``K`` (static).
     scale: ``'unit'`` or ``'mean'`` (static).
-    shared: which per-task-gradient leaves are shared.
+    shared: which per-task-gradient leaves are shared (see
+      :func:`mgda_jax.mgda`).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (see the README's "Several devices").
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state
-    :class:`GradientMethodState` (``inner`` is ``()``).
+    :class:`MethodState` (``inner`` is ``()``).
 
   References:
     Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm*, ICML 2018,
@@ -73,9 +78,9 @@ def gradient_normalization(num_tasks: int, *, scale: str = 'unit',
     Dense Prediction Tasks: A Survey*, TPAMI 2021,
     https://arxiv.org/abs/2004.13379
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'gradient_normalization')
+  num_tasks = checks.check_num_tasks(num_tasks, 'gradient_normalization')
   _check_scale(scale)
-  return aggregation.gram_method(
+  return engine.gram_method(
       'gradient_normalization', num_tasks,
       lambda gram, inner, losses: (unit_norm_weights(gram, scale), inner),
-      lambda dtype: (), shared=shared)
+      lambda dtype: (), shared=shared, axis_name=axis_name)

@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mgda_jax._src import aggregation
-from mgda_jax._src import dtypes
-from mgda_jax._src import mgda as mgda_lib
-from mgda_jax._src import nonneg_qp as qp_lib
+from mgda_jax._src import engine
+from mgda_jax._src.core import checks
+from mgda_jax._src.core import results
+from mgda_jax._src.core import dtypes
+from mgda_jax._src.solvers import nonneg_qp as qp_lib
 
 
 class ProjectionInfo(NamedTuple):
@@ -43,11 +44,13 @@ class ProjectionInfo(NamedTuple):
     num_steps: the largest number of active-set steps over the programmes.
     kkt_violation: the largest KKT violation over the programmes.
     converged: every programme converged.
+    result: the worst :class:`mgda_jax.SolverResult` code of the programmes.
   """
 
   num_steps: jax.Array
   kkt_violation: jax.Array
   converged: jax.Array
+  result: jax.Array
 
 
 def project_weights(gram: jax.Array, u: jax.Array):
@@ -58,7 +61,7 @@ def project_weights(gram: jax.Array, u: jax.Array):
 
 def _info(sol):
   return ProjectionInfo(jnp.max(sol.num_steps), jnp.max(sol.kkt_violation),
-                        jnp.all(sol.converged))
+                        jnp.all(sol.converged), jnp.max(sol.result))
 
 
 def upgrad_weights(gram: jax.Array, preferences=None
@@ -94,66 +97,67 @@ def dualproj_weights(gram: jax.Array, preferences=None
   return w, _info(sol)
 
 
-class ProjectionState(NamedTuple):
-  """Inner state of :func:`upgrad` and :func:`dualproj`."""
-
-  info: ProjectionInfo
-
-
-def _projection_method(name, weights_fn, num_tasks, preferences, shared):
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, name)
+def _projection_method(name, weights_fn, num_tasks, preferences, shared,
+                       axis_name):
+  num_tasks = checks.check_num_tasks(num_tasks, name)
+  if preferences is not None:
+    checks.check_scalar(name, 'preferences', preferences, low=0.0)
 
   def weight_fn(gram, inner, losses):
     del losses
     w, info = weights_fn(gram, preferences)
-    return w, ProjectionState(info)
+    return w, inner, results.SolveInfo(info.num_steps, info.kkt_violation,
+                                       info.converged, info.result)
 
-  def init_inner(dtype):
-    return ProjectionState(ProjectionInfo(
-        jnp.zeros((), jnp.int32), jnp.full((), jnp.inf, dtype),
-        jnp.zeros((), bool)))
-
-  return aggregation.gram_method(name, num_tasks, weight_fn, init_inner,
-                                 shared=shared)
+  return engine.gram_method(name, num_tasks, weight_fn, lambda dtype: (),
+                            shared=shared, axis_name=axis_name)
 
 
 def upgrad(num_tasks: int, *, preferences=None,
-           shared=None) -> optax.GradientTransformationExtraArgs:
+           shared=None, axis_name=None
+           ) -> optax.GradientTransformationExtraArgs:
   """UPGrad as an optax transform (see the module docstring).
 
   Args:
     num_tasks: ``K`` (static).
     preferences: ``p`` (default ``1/K`` each; ``inject_hyperparams``-able).
-    shared: which per-task-gradient leaves are shared.
+    shared: which per-task-gradient leaves are shared (see
+      :func:`mgda_jax.mgda`).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (see the README's "Several devices").
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state
-    :class:`GradientMethodState` (``inner`` is a :class:`ProjectionState`).
+    :class:`MethodState` (``info`` is the worst of the K programmes).
 
   References:
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*,
     2024, https://arxiv.org/abs/2406.16232
   """
   return _projection_method('upgrad', upgrad_weights, num_tasks, preferences,
-                            shared)
+                            shared, axis_name)
 
 
 def dualproj(num_tasks: int, *, preferences=None,
-             shared=None) -> optax.GradientTransformationExtraArgs:
+             shared=None, axis_name=None
+           ) -> optax.GradientTransformationExtraArgs:
   """DualProj as an optax transform (see the module docstring).
 
   Args:
     num_tasks: ``K`` (static).
     preferences: ``p`` (default ``1/K`` each).
-    shared: which per-task-gradient leaves are shared.
+    shared: which per-task-gradient leaves are shared (see
+      :func:`mgda_jax.mgda`).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (see the README's "Several devices").
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state
-    :class:`GradientMethodState` (``inner`` is a :class:`ProjectionState`).
+    :class:`MethodState` (``info`` is the worst of the K programmes).
 
   References:
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*,
     2024, https://arxiv.org/abs/2406.16232
   """
   return _projection_method('dualproj', dualproj_weights, num_tasks,
-                            preferences, shared)
+                            preferences, shared, axis_name)

@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mgda_jax._src import aggregation
-from mgda_jax._src import mgda as mgda_lib
+from mgda_jax._src import engine
+from mgda_jax._src.core import checks
+from mgda_jax._src.core import results
 
 
 def task_orders(key, num_tasks: int) -> jax.Array:
@@ -90,7 +91,8 @@ class PCGradState(NamedTuple):
 
 
 def pcgrad(num_tasks: int, *, key=0, shuffle: bool = True,
-           shared=None) -> optax.GradientTransformationExtraArgs:
+           shared=None,
+    axis_name=None) -> optax.GradientTransformationExtraArgs:
   """PCGrad: project away the conflicting component of each task gradient.
 
   For each task ``i`` and each other task ``j`` in a random order, if
@@ -106,17 +108,19 @@ def pcgrad(num_tasks: int, *, key=0, shuffle: bool = True,
     shuffle: ``False`` visits the tasks in index order (deterministic).
     shared: which per-task-gradient leaves are shared, as in
       :func:`mgda_jax.mgda`.
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (see the README's "Several devices").
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state
-    :class:`GradientMethodState` (``inner`` is a :class:`PCGradState`).
+    :class:`MethodState` (``inner`` is a :class:`PCGradState`).
 
   References:
     Yu, Kumar, Gupta, Levine, Hausman & Finn, *Gradient Surgery for
     Multi-Task Learning*, NeurIPS 2020, https://arxiv.org/abs/2001.06782
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'pcgrad')
-  key0 = aggregation.as_key(key)
+  num_tasks = checks.check_num_tasks(num_tasks, 'pcgrad')
+  key0 = checks.as_key(key)
 
   def weight_fn(gram, inner, losses):
     del losses
@@ -124,9 +128,9 @@ def pcgrad(num_tasks: int, *, key=0, shuffle: bool = True,
     orders = task_orders(step_key if shuffle else None, num_tasks)
     return pcgrad_weights(gram, orders), PCGradState(next_key)
 
-  return aggregation.gram_method('pcgrad', num_tasks, weight_fn,
+  return engine.gram_method('pcgrad', num_tasks, weight_fn,
                                  lambda dtype: PCGradState(key0),
-                                 shared=shared)
+                                 shared=shared, axis_name=axis_name)
 
 
 def gradvac_weights(gram: jax.Array, orders: jax.Array, targets: jax.Array,
@@ -184,7 +188,8 @@ class GradVacState(NamedTuple):
 
 def gradvac(num_tasks: int, *, beta: float = 0.01, key=0,
             shuffle: bool = True,
-            shared=None) -> optax.GradientTransformationExtraArgs:
+            shared=None,
+    axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Gradient Vaccine: raise each pair's cosine to its running target.
 
   See the module docstring for the update. Targets start at 0, so the first
@@ -198,19 +203,22 @@ def gradvac(num_tasks: int, *, beta: float = 0.01, key=0,
       ``inject_hyperparams``-able).
     key: PRNG key or int seed for the task orders (carried in the state).
     shuffle: ``False`` visits the tasks in index order.
-    shared: which per-task-gradient leaves are shared.
+    shared: which per-task-gradient leaves are shared (see
+      :func:`mgda_jax.mgda`).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (see the README's "Several devices").
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state
-    :class:`GradientMethodState` (``inner`` is a :class:`GradVacState`).
+    :class:`MethodState` (``inner`` is a :class:`GradVacState`).
 
   References:
     Wang, Tsvetkov, Firat & Cao, *Gradient Vaccine: Investigating and
     Improving Multi-task Optimization in Massively Multilingual Models*,
     ICLR 2021, https://arxiv.org/abs/2010.05874
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'gradvac')
-  key0 = aggregation.as_key(key)
+  num_tasks = checks.check_num_tasks(num_tasks, 'gradvac')
+  key0 = checks.as_key(key)
 
   def weight_fn(gram, inner, losses):
     del losses
@@ -219,8 +227,8 @@ def gradvac(num_tasks: int, *, beta: float = 0.01, key=0,
     weights, targets = gradvac_weights(gram, orders, inner.targets, beta)
     return weights, GradVacState(next_key, targets)
 
-  return aggregation.gram_method(
+  return engine.gram_method(
       'gradvac', num_tasks, weight_fn,
       lambda dtype: GradVacState(key0, jnp.zeros((num_tasks, num_tasks),
                                                  dtype)),
-      shared=shared)
+      shared=shared, axis_name=axis_name)

@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mgda_jax._src import aggregation
-from mgda_jax._src import dtypes
-from mgda_jax._src import mgda as mgda_lib
+from mgda_jax._src import engine
+from mgda_jax._src.core import checks
+from mgda_jax._src.core import results
+from mgda_jax._src.core import dtypes
 
 
 class NashMTLInfo(NamedTuple):
@@ -47,11 +48,15 @@ class NashMTLInfo(NamedTuple):
     residual: ``max_t |alpha_t (G alpha)_t - 1|`` over tasks with a
       non-zero gradient.
     converged: the Newton decrement fell below the tolerance.
+    decrement: the final squared Newton decrement (the certificate).
+    result: a :class:`mgda_jax.SolverResult` code.
   """
 
   num_steps: jax.Array
   residual: jax.Array
   converged: jax.Array
+  decrement: jax.Array
+  result: jax.Array
 
 
 def nash_mtl_weights(gram: jax.Array, *, max_steps: int = 100,
@@ -121,54 +126,60 @@ def nash_mtl_weights(gram: jax.Array, *, max_steps: int = 100,
     return a, it + 1, newton(a)[2]
 
   a0 = jnp.full((k,), 1.0 / jnp.sqrt(k), dtype)
-  a, steps, dec = jax.lax.while_loop(cond, body, (a0, 0, newton(a0)[2]))
+  a, steps, dec = jax.lax.while_loop(
+      cond, body, (a0, jnp.zeros((), jnp.int32), newton(a0)[2]))
   residual = jnp.max(jnp.where(live, jnp.abs(a * (g @ a) - 1.0), 0.0))
   ok = finite & jnp.all(jnp.isfinite(a))
   alpha = jnp.where(ok, a * inv_n, jnp.where(finite, 0.0, jnp.nan))
+  converged = finite & (dec <= tol)
   return alpha, NashMTLInfo(jnp.asarray(steps, jnp.int32),
-                            jnp.where(finite, residual, jnp.nan),
-                            finite & (dec <= tol))
+                            jnp.where(finite, residual, jnp.nan), converged,
+                            jnp.where(finite, dec, jnp.nan),
+                            results.result_code(converged, finite))
 
 
-class NashMTLState(NamedTuple):
-  """Inner state of :func:`nash_mtl`: the last solve's diagnostics."""
-
-  info: NashMTLInfo
-
-
-def nash_mtl(num_tasks: int, *, normalize: bool = True,
-             max_steps: int = 100, tol: float | None = None,
-             shared=None) -> optax.GradientTransformationExtraArgs:
+def nash_mtl(num_tasks: int, *, normalize: bool = False,
+             max_steps: int = 100, tol: float = 1e-10,
+             shared=None,
+             axis_name=None) -> optax.GradientTransformationExtraArgs:
   """Nash-MTL as an optax transform: ``d = sum_t alpha_t g_t``, ``G alpha = 1/alpha``.
 
-  With ``normalize=True`` (the default, as in the authors' code) the
-  equation is solved for ``G / ||G||_F``, i.e. ``alpha`` is the paper's
-  solution times ``sqrt(||G||_F)``: the update then scales like the
-  gradients (``||d||^2 = K ||G||_F``) instead of having the constant norm
-  ``sqrt(K)``, which a fixed learning rate cannot anneal. ``normalize=False``
-  is the paper's equation on the raw Gram matrix.
+  By default (``normalize=False``) this is the paper's equation on the raw
+  Gram matrix, as the authors' code (and TorchJD's port of it) solves it:
+  for ``G = 100 I``, ``alpha = 0.1``. The update then has the constant norm
+  ``||d|| = sqrt(K)`` whatever the scale of the gradients (the authors clip
+  it with ``max_norm``; use ``optax.clip_by_global_norm``), so Nash-MTL is
+  not scale-equivariant. ``normalize=True`` solves the equation for ``G /
+  ||G||_F`` instead, i.e. ``alpha`` is the paper's solution times
+  ``sqrt(||G||_F)``: the update then scales like the gradients (``||d||^2 =
+  K ||G||_F``), which a fixed learning rate can anneal.
 
-  The reference implementation also clips the update's norm (``max_norm``)
-  and may re-solve only every few steps; both are left to the user's optax
-  chain (``optax.clip_by_global_norm``) and schedule.
+  The reference implementation may re-solve only every few steps; that is
+  left to the user's schedule.
 
   Args:
     num_tasks: ``K`` (static).
     normalize: solve on the Frobenius-normalised Gram matrix (static).
-    max_steps: Newton step cap (static).
-    tol: tolerance on the squared Newton decrement.
-    shared: which per-task-gradient leaves are shared.
+    max_steps: Newton step cap.
+    tol: tolerance on the squared Newton decrement (``1e-20`` suits
+      float64).
+    shared: which per-task-gradient leaves are shared (see
+      :func:`mgda_jax.mgda`).
+    axis_name: the data-parallel axis for an untyped ``jax.shard_map`` or
+      ``jax.pmap`` (see the README's "Several devices").
 
   Returns:
     A ``GradientTransformationExtraArgs`` with state
-    :class:`GradientMethodState` (``inner`` is a :class:`NashMTLState`).
+    :class:`mgda_jax.MethodState`.
 
   References:
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya,
     *Multi-Task Learning as a Bargaining Game*, ICML 2022,
     https://arxiv.org/abs/2202.01017
   """
-  num_tasks = mgda_lib.check_num_tasks(num_tasks, 'nash_mtl')
+  num_tasks = checks.check_num_tasks(num_tasks, 'nash_mtl')
+  checks.check_scalar('nash_mtl', 'max_steps', max_steps, low=1, integer=True)
+  checks.check_scalar('nash_mtl', 'tol', tol, low=0.0)
 
   def weight_fn(gram, inner, losses):
     del losses
@@ -178,12 +189,9 @@ def nash_mtl(num_tasks: int, *, normalize: bool = True,
       m = jnp.where(m > 0, m, 1.0)
       frob = m * jnp.sqrt(jnp.sum((gram / m) ** 2))
       alpha = alpha * jnp.sqrt(frob)
-    return alpha, NashMTLState(info)
+    return alpha, inner, results.SolveInfo(info.num_steps, info.decrement,
+                                           info.converged, info.result)
 
-  def init_inner(dtype):
-    return NashMTLState(NashMTLInfo(jnp.zeros((), jnp.int32),
-                                    jnp.full((), jnp.inf, dtype),
-                                    jnp.zeros((), bool)))
-
-  return aggregation.gram_method('nash_mtl', num_tasks, weight_fn, init_inner,
-                                 shared=shared)
+  return engine.gram_method('nash_mtl', num_tasks, weight_fn,
+                            lambda dtype: (), shared=shared,
+                            axis_name=axis_name)
