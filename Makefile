@@ -30,8 +30,10 @@ venv: $(VENV)/.stamp-experiments+test
 train: $(VENV)/.stamp-experiments
 	$(PY) -m experiments.multimnist --epochs $(EPOCHS) $(DATA_ARGS) $(ARGS)
 
+# Two pytest workers (one file per worker: the multi-device script runs once).
+TEST_WORKERS ?= 2
 test: $(VENV)/.stamp-experiments+test
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_solver --variants --scaling $(ARGS)

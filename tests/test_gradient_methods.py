@@ -312,13 +312,14 @@ def test_upgrad_is_the_mean_of_the_dual_cone_projections(kind):
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
 def test_upgrad_and_dualproj_never_conflict(dtype):
   rng = np.random.default_rng(3)
+  fns = (jax.jit(mgda_jax.upgrad_weights), jax.jit(mgda_jax.dualproj_weights))
   with jax.enable_x64(dtype == 'float64'):
     for _ in range(20):
-      k = int(rng.integers(2, 12))
+      k = int(rng.choice([2, 5, 11]))  # three shapes: three compilations
       j = grads(int(rng.integers(1000)), k, int(rng.integers(2, 30)),
                 'conflicting')
-      for fn in (mgda_jax.upgrad_weights, mgda_jax.dualproj_weights):
-        w, info = jax.jit(fn)(gram_of(j, dtype))
+      for fn in fns:
+        w, info = fn(gram_of(j, dtype))
         assert bool(info.converged)
         d = np.asarray(w, np.float64) @ j
         cos = j @ d / np.linalg.norm(j, axis=1) / max(np.linalg.norm(d),
@@ -512,8 +513,10 @@ def test_upgrad_and_dualproj_on_small_or_large_gradients(dtype, scale):
     for _ in range(5):
       j = grads(int(rng.integers(1000)), 5, 8, 'conflicting') * scale
       gram = gram_of(j, dtype)
-      d_up = np.asarray(mgda_jax.upgrad_weights(gram)[0], np.float64) @ j
-      d_dp = np.asarray(mgda_jax.dualproj_weights(gram)[0], np.float64) @ j
+      d_up = np.asarray(jax.jit(mgda_jax.upgrad_weights)(gram)[0],
+                        np.float64) @ j
+      d_dp = np.asarray(jax.jit(mgda_jax.dualproj_weights)(gram)[0],
+                        np.float64) @ j
       ref_up = np.mean([projection_reference(j, np.eye(5)[i])
                         for i in range(5)], axis=0)
       ref_dp = projection_reference(j, np.full(5, 0.2))
@@ -535,7 +538,7 @@ def test_mgda_float32_with_one_long_gradient_matches_the_exact_qp(long):
     j = rng.normal(size=(4, 6))
     j[0] *= long
     gram = j @ j.T
-    sol = mgda_jax.min_norm_element(jnp.asarray(gram, jnp.float32))
+    sol = jax.jit(mgda_jax.min_norm_element)(jnp.asarray(gram, jnp.float32))
     a = np.asarray(sol.weights, np.float64)
     a_star, f_star = enumerate_qp(gram)
     d, d_star = a @ j, a_star @ j

@@ -321,28 +321,29 @@ def accurate_matvec(gram: jax.Array, alpha: jax.Array) -> jax.Array:
   sqrt(G_tt) sum_s alpha_s sqrt(G_ss)``: for a long gradient ``g_t`` that is
   far above the stopping floor of an optimum on short gradients, and the
   duality gap (the certificate) could neither be trusted nor reach the
-  tolerance. Here every product ``G_ts alpha_s`` is split into four exact
-  products of 12-bit halves (:func:`_split`), and the ``4 K`` terms of each
-  row are added by a pairwise tree of error-free sums (Knuth's TwoSum,
-  compensated), so the result is accurate to about one rounding of the
-  result itself. Float64 input (under x64) uses the plain product, whose
-  rounding is far below any float32 certificate.
+  tolerance. Here ``G`` and ``alpha`` are split into 12-bit halves
+  (:func:`_split`); the products of the high halves are exact in float32 and
+  are added by a pairwise tree of error-free sums (Knuth's TwoSum,
+  compensated); the cross terms, ``2^-12`` smaller, by a plain product. The
+  result is accurate to a few roundings of the result itself. Float64 input
+  (under x64) uses the plain product, whose rounding is far below any
+  float32 certificate.
   """
   if gram.dtype != jnp.float32:
     return gram @ alpha
   g_hi, g_lo = _split(gram)
   a_hi, a_lo = _split(alpha)
-  terms = jnp.concatenate([g_hi * a_hi, g_hi * a_lo, g_lo * a_hi,
-                           g_lo * a_lo], axis=1)
-  n = terms.shape[1]
-  size = 1 << max(n - 1, 0).bit_length()
-  s = jnp.pad(terms, ((0, 0), (0, size - n)))
+  s = g_hi * a_hi                      # exact products
   e = jnp.zeros_like(s)
-  while size > 1:
-    size //= 2
-    s, err = _two_sum(s[:, :size], s[:, size:2 * size])
-    e = e[:, :size] + e[:, size:2 * size] + err
-  return (s + e)[:, 0]
+  while s.shape[1] > 1:                # pairwise, an odd one carried over
+    n = s.shape[1]
+    h = n // 2
+    s2, err = _two_sum(s[:, :h], s[:, h:2 * h])
+    e2 = e[:, :h] + e[:, h:2 * h] + err
+    s = jnp.concatenate([s2, s[:, 2 * h:]], axis=1)
+    e = jnp.concatenate([e2, e[:, 2 * h:]], axis=1)
+  small = g_hi @ a_lo + g_lo @ a_hi + g_lo @ a_lo
+  return s[:, 0] + (e[:, 0] + small)
 
 
 class _Carry(NamedTuple):
@@ -513,9 +514,12 @@ def _corrective_step(gram: jax.Array, c: _Carry) -> tuple[_Carry, jax.Array]:
   new = jnp.where((theta < 1.0) & (jnp.arange(k) == j), 0.0, new)
   new = jnp.where(alpha > 0, jnp.maximum(new, 0.0), 0.0)
   new = new / jnp.sum(new)
-  g_alpha = accurate_matvec(gram, new)
+  # A plain product suffices to decide acceptance; the round's exact check
+  # that follows recomputes G alpha accurately.
+  g_alpha = gram @ new
   f, gap = _fw_gap(new, g_alpha)
-  accept = jnp.isfinite(f) & (f < c.f)
+  f_old = jnp.dot(c.alpha, gram @ c.alpha)  # compared in the same product
+  accept = jnp.isfinite(f) & (f < f_old)
   new_c = jax.tree.map(lambda x, y: jnp.where(accept, x, y),
                        _Carry(c.step + 1, new, g_alpha, f, gap),
                        c._replace(step=c.step + 1))
@@ -559,10 +563,12 @@ def _solve_loop(gram, alpha0, *, max_steps, tol, method, period):
         lambda c: (c.step < end) & (c.gap > threshold(c)),
         lambda c: _step(gram, c, method), c)
     c = exact(c)
+    finish = done(c)
     if period is not None:
+      # The carry that ends the loop is always the exactly checked one.
       corrected, again = _corrective_step(gram, c)
-      c = jax.tree.map(lambda x, y: jnp.where(done(c), x, y), c, corrected)
-    return c, done(c), again
+      c = jax.tree.map(lambda x, y: jnp.where(finish, x, y), c, corrected)
+    return c, finish, again
 
   c0 = exact(_Carry(jnp.zeros((), jnp.int32), alpha0, alpha0, alpha0[0],
                     alpha0[0]))
@@ -678,7 +684,8 @@ def min_norm_element(
                     period=correction_period(k) if corrective else None)
     weights, steps = c.alpha, c.step
 
-  g_alpha = accurate_matvec(g, weights)
+  # K >= 3: the loop's last exact check computed G alpha accurately.
+  g_alpha = g @ weights if k <= 2 else c.g_alpha
   f_raw = jnp.dot(weights, g_alpha)
   f = jnp.maximum(f_raw, 0.0)
   gap = jnp.maximum(2.0 * (f_raw - jnp.min(g_alpha)), 0.0)
