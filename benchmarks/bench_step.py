@@ -34,20 +34,16 @@ from experiments.multimnist import models
 import mgda_jax
 
 
-# Every gradient method, on representation gradients (the MGDA-UB input).
+# Every registered method that reads the gradients (the loss weightings
+# cost what uniform weighting costs), on representation gradients (the
+# MGDA-UB input), from the registry: a new method is benchmarked as soon as
+# it is registered.
 GRADIENT_METHODS = {
-    'mgda_ub (library)': lambda k: mgda_jax.mgda_ub(k),
-    'gradnorm': lambda k: mgda_jax.gradnorm(k),
-    'grad-norm normalisation': mgda_jax.gradient_normalization,
-    'pcgrad': lambda k: mgda_jax.pcgrad(k, key=0),
-    'graddrop': lambda k: mgda_jax.graddrop(k, key=0),
-    'gradvac': lambda k: mgda_jax.gradvac(k, key=0),
-    'cagrad': lambda k: mgda_jax.cagrad(k, c=0.4),
-    'imtl_g': mgda_jax.imtl_g,
-    'nash_mtl': mgda_jax.nash_mtl,
-    'aligned_mtl': mgda_jax.aligned_mtl,
-    'upgrad': mgda_jax.upgrad,
-    'dualproj': mgda_jax.dualproj,
+    ('mgda_ub (library)' if name == 'mgda_ub' else name):
+        (lambda k, name=name: mgda_jax.make_method(name, k))
+    for name, spec in mgda_jax.METHODS.items()
+    if (spec.family == 'gradient' or name == 'gradnorm') and name != 'mgda'
+    and 'representation' in spec.inputs
 }
 
 
