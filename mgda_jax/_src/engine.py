@@ -46,7 +46,6 @@ import optax
 
 from mgda_jax._src.core import checks
 from mgda_jax._src.core import devices
-from mgda_jax._src.core import dtypes
 from mgda_jax._src.core import gram as gram_lib
 from mgda_jax._src.core import inputs
 from mgda_jax._src.core import results
@@ -293,10 +292,6 @@ def method(
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def solve_dtype_of(gram) -> jnp.dtype:
-  return dtypes.solve_dtype(gram.dtype)
 
 
 def gram_method(factory: str, num_tasks: int, weight_fn, init_inner, *,
