@@ -70,12 +70,6 @@ def check_scalar(factory: str, name: str, value, *, low=None, high=None,
     raise ValueError(f'{factory}: {name} must be <= {high}; got {value!r}.')
 
 
-def check_choice(factory: str, name: str, value, choices):
-  if value not in choices:
-    raise ValueError(f'{factory}: {name} must be one of {tuple(choices)}; got '
-                     f'{value!r}.')
-
-
 def check_vector(factory: str, name: str, value, k: int, required: bool,
                  what: str):
   """``value`` as a ``(k,)`` floating array, None, or a clear error."""

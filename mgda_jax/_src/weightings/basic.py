@@ -35,11 +35,6 @@ def loss_method(factory, num_tasks, rule, init_inner, *, needs_losses=False,
                        axis_name=axis_name)
 
 
-def closed(weights, finite=True):
-  """A rule's return for a weighting without an inner solve."""
-  return weights, results.closed_form_info(finite)
-
-
 def fixed_weighting(weights, *, axis_name=None
                     ) -> optax.GradientTransformationExtraArgs:
   """Fixed task weights: the gradient of ``sum_t w_t L_t``.
