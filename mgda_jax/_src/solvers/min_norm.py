@@ -221,7 +221,7 @@ def correction_period(num_tasks: int) -> int:
   return 2 * num_tasks
 
 
-def _threshold(f, alpha, root_diag, tol):
+def _threshold(f, alpha, root_diag, tol, support=None):
   """Stop when ``gap <= tol * f + FLOOR_ULPS * eps * (sum_t alpha_t sqrt(G_tt))^2``.
 
   The floor is the rounding level of ``f = alpha^T G alpha`` computed from
@@ -230,7 +230,9 @@ def _threshold(f, alpha, root_diag, tol):
   optimum on short gradients is resolved at their own scale).
   """
   eps = jnp.finfo(f.dtype).eps
-  support_scale = jnp.dot(alpha, root_diag) ** 2
+  if support is None:
+    support = jnp.dot(alpha, root_diag)
+  support_scale = support ** 2
   return tol * jnp.maximum(f, 0.0) + FLOOR_ULPS * eps * support_scale
 
 
@@ -314,6 +316,30 @@ def _two_sum(a, b):
   return s, (a - (s - bb)) + (b - bb)
 
 
+def _split_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The 12-bit halves of ``G^T`` for :func:`_accurate_matvec`, once per solve."""
+  return _split(gram.T)
+
+
+def _accurate_matvec(split: tuple[jax.Array, jax.Array],
+                     alpha: jax.Array) -> jax.Array:
+  """:func:`accurate_matvec` from a :func:`_split_gram` of ``G``."""
+  hi_t, lo_t = split
+  a_hi, a_lo = _split(alpha)
+  s = hi_t * a_hi[:, None]             # exact products, row j: G[:, j] a_j
+  e = jnp.zeros_like(s)
+  while s.shape[0] > 1:                # a pairwise tree of error-free sums
+    if s.shape[0] % 2:                 # an odd level gets one zero row
+      s = jnp.concatenate([s, jnp.zeros_like(s[:1])])
+      e = jnp.concatenate([e, jnp.zeros_like(e[:1])])
+    h = s.shape[0] // 2
+    s, err = _two_sum(s[:h], s[h:])
+    e = (e[:h] + e[h:]) + err
+  # The cross terms, 2^-12 smaller: g_hi a_lo + g_lo (a_hi + a_lo).
+  small = a_lo @ hi_t + alpha @ lo_t
+  return s[0] + (e[0] + small)
+
+
 def accurate_matvec(gram: jax.Array, alpha: jax.Array) -> jax.Array:
   """``G @ alpha`` as if computed in twice the working precision.
 
@@ -327,23 +353,19 @@ def accurate_matvec(gram: jax.Array, alpha: jax.Array) -> jax.Array:
   compensated); the cross terms, ``2^-12`` smaller, by a plain product. The
   result is accurate to a few roundings of the result itself. Float64 input
   (under x64) uses the plain product, whose rounding is far below any
-  float32 certificate.
+  float32 certificate. Inside the solver the split of ``G`` is made once per
+  solve, not once per call.
+
+  Args:
+    gram: a ``(K, K)`` matrix.
+    alpha: a ``(K,)`` vector of the same dtype.
+
+  Returns:
+    ``G @ alpha``, shape ``(K,)``.
   """
   if gram.dtype != jnp.float32:
     return gram @ alpha
-  g_hi, g_lo = _split(gram)
-  a_hi, a_lo = _split(alpha)
-  s = g_hi * a_hi                      # exact products
-  e = jnp.zeros_like(s)
-  while s.shape[1] > 1:                # pairwise, an odd one carried over
-    n = s.shape[1]
-    h = n // 2
-    s2, err = _two_sum(s[:, :h], s[:, h:2 * h])
-    e2 = e[:, :h] + e[:, h:2 * h] + err
-    s = jnp.concatenate([s2, s[:, 2 * h:]], axis=1)
-    e = jnp.concatenate([e2, e[:, 2 * h:]], axis=1)
-  small = g_hi @ a_lo + g_lo @ a_hi + g_lo @ a_lo
-  return s[:, 0] + (e[:, 0] + small)
+  return _accurate_matvec(_split_gram(gram), alpha)
 
 
 class _Carry(NamedTuple):
@@ -352,6 +374,7 @@ class _Carry(NamedTuple):
   g_alpha: jax.Array  # G @ alpha, updated incrementally
   f: jax.Array        # alpha @ G @ alpha
   gap: jax.Array
+  support: jax.Array  # sum_t alpha_t sqrt(G_tt), updated incrementally
 
 
 def _fw_gap(alpha, g_alpha):
@@ -359,8 +382,14 @@ def _fw_gap(alpha, g_alpha):
   return f, 2.0 * (f - jnp.min(g_alpha))
 
 
-def _step(gram: jax.Array, carry: _Carry, method: str) -> _Carry:
-  """One Frank-Wolfe iteration of the chosen variant."""
+def _step(gram: jax.Array, root_diag: jax.Array, carry: _Carry,
+          method: str) -> _Carry:
+  """One Frank-Wolfe iteration of the chosen variant.
+
+  ``G alpha``, ``f`` and the support scale ``alpha . sqrt(diag G)`` are
+  updated in O(K) (the scale in O(1): a step moves along one or two
+  vertices); each round's exact check recomputes them.
+  """
   alpha, g_alpha, f = carry.alpha, carry.g_alpha, carry.f
   dtype = alpha.dtype
   s = _argmin(g_alpha)
@@ -373,8 +402,10 @@ def _step(gram: jax.Array, carry: _Carry, method: str) -> _Carry:
   t_fw = line_search(fw_slope, fw_curv, 1.0)
   alpha_fw = alpha + t_fw * (e_s - alpha)
   g_alpha_fw = g_alpha + t_fw * (g_s - g_alpha)
+  sup, r_s = carry.support, root_diag[s]
+  sup_fw = sup + t_fw * (r_s - sup)
   if method == 'frank_wolfe':
-    new_alpha, new_g_alpha = alpha_fw, g_alpha_fw
+    new_alpha, new_g_alpha, new_sup = alpha_fw, g_alpha_fw, sup_fw
   else:
     # The away vertex: the worst one in the current support.
     v = _argmin(jnp.where(alpha > 0, -g_alpha, jnp.inf))
@@ -391,6 +422,7 @@ def _step(gram: jax.Array, carry: _Carry, method: str) -> _Carry:
       new_alpha = jnp.where((t >= a_v) & (e_v > 0), 0.0, new_alpha)
       new_alpha = jnp.maximum(new_alpha, 0.0)
       new_g_alpha = g_alpha + t * (g_s - g_v)
+      new_sup = sup + t * (r_s - root_diag[v])
     else:  # away_steps
       # alpha + t (alpha - e_v), t in [0, alpha_v / (1 - alpha_v)].
       t_max = jnp.where(a_v < 1.0, a_v / jnp.where(a_v < 1.0, 1.0 - a_v, 1.0),
@@ -402,12 +434,15 @@ def _step(gram: jax.Array, carry: _Carry, method: str) -> _Carry:
       alpha_aw = jnp.where((t_aw >= t_max) & (e_v > 0), 0.0, alpha_aw)
       alpha_aw = jnp.maximum(alpha_aw, 0.0)
       g_alpha_aw = g_alpha + t_aw * (g_alpha - g_v)
+      sup_aw = sup + t_aw * (sup - root_diag[v])
       # Take the step whose direction promises more decrease (-slope).
       use_fw = -fw_slope >= -aw_slope
       new_alpha = jnp.where(use_fw, alpha_fw, alpha_aw)
       new_g_alpha = jnp.where(use_fw, g_alpha_fw, g_alpha_aw)
+      new_sup = jnp.where(use_fw, sup_fw, sup_aw)
   new_f, new_gap = _fw_gap(new_alpha, new_g_alpha)
-  return _Carry(carry.step + 1, new_alpha, new_g_alpha, new_f, new_gap)
+  return _Carry(carry.step + 1, new_alpha, new_g_alpha, new_f, new_gap,
+                new_sup)
 
 
 def _initial_weights(gram: jax.Array) -> jax.Array:
@@ -482,7 +517,8 @@ def _face_minimiser(gram: jax.Array, alpha: jax.Array,
   return w / jnp.sum(w)
 
 
-def _corrective_step(gram: jax.Array, c: _Carry) -> tuple[_Carry, jax.Array]:
+def _corrective_step(gram: jax.Array, root_diag: jax.Array,
+                     c: _Carry) -> tuple[_Carry, jax.Array]:
   """A fully corrective step: one of Wolfe's minor cycles on the support.
 
   Moves ``alpha`` towards the affine minimiser ``w`` of its face
@@ -521,7 +557,8 @@ def _corrective_step(gram: jax.Array, c: _Carry) -> tuple[_Carry, jax.Array]:
   f_old = jnp.dot(c.alpha, gram @ c.alpha)  # compared in the same product
   accept = jnp.isfinite(f) & (f < f_old)
   new_c = jax.tree.map(lambda x, y: jnp.where(accept, x, y),
-                       _Carry(c.step + 1, new, g_alpha, f, gap),
+                       _Carry(c.step + 1, new, g_alpha, f, gap,
+                              jnp.dot(new, root_diag)),
                        c._replace(step=c.step + 1))
   return new_c, accept & (theta < 1.0)
 
@@ -540,12 +577,19 @@ def _solve_loop(gram, alpha0, *, max_steps, tol, method, period):
   root_diag = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
 
   def threshold(c: _Carry):
-    return _threshold(c.f, c.alpha, root_diag, tol)
+    return _threshold(c.f, c.alpha, root_diag, tol, c.support)
+
+  if gram.dtype == jnp.float32:
+    split = _split_gram(gram)  # loop-invariant: once per solve
+    matvec = lambda a: _accurate_matvec(split, a)
+  else:
+    matvec = lambda a: gram @ a
 
   def exact(c: _Carry) -> _Carry:
-    g_alpha = accurate_matvec(gram, c.alpha)
+    g_alpha = matvec(c.alpha)
     f, gap = _fw_gap(c.alpha, g_alpha)
-    return c._replace(g_alpha=g_alpha, f=f, gap=gap)
+    return c._replace(g_alpha=g_alpha, f=f, gap=gap,
+                      support=jnp.dot(c.alpha, root_diag))
 
   def done(c: _Carry):
     return (c.step >= max_steps) | (c.gap <= threshold(c))
@@ -561,17 +605,19 @@ def _solve_loop(gram, alpha0, *, max_steps, tol, method, period):
         max_steps, c.step + jnp.where(again, 0, period))
     c = jax.lax.while_loop(
         lambda c: (c.step < end) & (c.gap > threshold(c)),
-        lambda c: _step(gram, c, method), c)
+        lambda c: _step(gram, root_diag, c, method), c)
     c = exact(c)
     finish = done(c)
     if period is not None:
       # The carry that ends the loop is always the exactly checked one.
-      corrected, again = _corrective_step(gram, c)
+      corrected, again = _corrective_step(gram, root_diag, c)
       c = jax.tree.map(lambda x, y: jnp.where(finish, x, y), c, corrected)
     return c, finish, again
 
-  c0 = exact(_Carry(jnp.zeros((), jnp.int32), alpha0, alpha0, alpha0[0],
-                    alpha0[0]))
+  # alpha0 is a vertex: the plain product with it is exact.
+  g_alpha0 = gram @ alpha0
+  c0 = _Carry(jnp.zeros((), jnp.int32), alpha0, g_alpha0,
+              *_fw_gap(alpha0, g_alpha0), jnp.dot(alpha0, root_diag))
   c, _, _ = jax.lax.while_loop(outer_cond, outer_body,
                                (c0, done(c0), jnp.zeros((), bool)))
   return c
