@@ -8,9 +8,11 @@ PIP := $(PY) -m pip
 comma := ,
 
 # Local MNIST: the four IDX files. Defaults to the shared copy when present;
-# otherwise the experiments read TFDS's data dir (see README).
+# otherwise the experiments read TFDS's data dir, else download MNIST
+# (verified by SHA-256) into data/mnist (see README).
 MNIST_DIR ?= $(wildcard ../shared/data/mnist)
-DATA_ARGS := $(if $(MNIST_DIR),--mnist-dir $(MNIST_DIR),)
+DATA_ARGS := $(if $(MNIST_DIR),--config.data.mnist_dir=$(MNIST_DIR),)
+DATA_SET := $(if $(MNIST_DIR),--set data.mnist_dir=$(MNIST_DIR),)
 EPOCHS ?= 10
 SEEDS ?= 0 1 2
 
@@ -28,7 +30,7 @@ $(VENV)/.stamp-%: pyproject.toml | $(PY)
 venv: $(VENV)/.stamp-experiments+test
 
 train: $(VENV)/.stamp-experiments
-	$(PY) -m experiments.multimnist --epochs $(EPOCHS) $(DATA_ARGS) $(ARGS)
+	$(PY) -m experiments.multimnist --config.epochs=$(EPOCHS) $(DATA_ARGS) $(ARGS)
 
 # Two pytest workers (one file per worker: the multi-device script runs once).
 TEST_WORKERS ?= 2
@@ -56,15 +58,17 @@ $(PEERS)/.stamp: pyproject.toml
 bench-peers: $(PEERS)/.stamp
 	$(PEERS)/bin/python -m benchmarks.bench_peers $(ARGS)
 
-# Every method over several seeds -> docs/RESULTS.md.
+# Methods x seeds -> a section of docs/RESULTS.md (resumable). Default
+# methods: the paper's six; METHODS="..." for others (registry names).
+METHODS ?=
 reproduce-multimnist: $(VENV)/.stamp-experiments
 	$(PY) -m experiments.multimnist.reproduce --epochs $(EPOCHS) \
-	  --seeds $(SEEDS) $(DATA_ARGS) $(ARGS)
+	  --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS),) $(DATA_SET) $(ARGS)
 
 # Short real-data check (CI): 2 epochs of MGDA-UB must reach the stated
 # accuracy on both digits.
 check-multimnist: $(VENV)/.stamp-experiments
-	$(PY) -m experiments.multimnist.check $(DATA_ARGS)
+	$(PY) -m experiments.multimnist.check $(if $(MNIST_DIR),--mnist-dir $(MNIST_DIR),)
 
 clean:
 	rm -rf $(VENV) $(PEERS) build *.egg-info

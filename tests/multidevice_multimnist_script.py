@@ -28,8 +28,9 @@ def main():
   data = ip.build_multimnist(fake_mnist(np.random.default_rng(5)), seed=0)
   out = {}
   for devices in (1, 8):
-    config = test_config.get_config(method=method, devices=devices,
-                                    batch_size=64, chunk=1)
+    config = test_config.get_config()
+    config.method, config.devices = method, devices
+    config.batch_size, config.chunk = 64, 1
     with tempfile.TemporaryDirectory() as d:
       messages = []
       train.train_and_evaluate(config, d, data, log=messages.append)

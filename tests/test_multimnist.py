@@ -5,14 +5,20 @@ import json
 import os
 import struct
 
+from flax import nnx
+import jax
 import numpy as np
+import optax
 import pytest
 
+from experiments.common import reproduce
+from experiments.common import trainer
 from experiments.multimnist import input_pipeline as ip
 from experiments.multimnist import main as main_lib
+from experiments.multimnist import models
 from experiments.multimnist import train
-from experiments.multimnist.configs import default
 from experiments.multimnist.configs import test as test_config
+import mgda_jax
 
 
 def write_idx(path, array, compress):
@@ -80,8 +86,15 @@ def test_corrupt_and_missing_files_raise_clear_errors(mnist_dir, tmp_path):
 
 
 def test_offline_without_data_says_how_to_fix(tmp_path):
-  with pytest.raises(ip.MnistError, match='--mnist-dir'):
+  with pytest.raises(ip.MnistError, match='config.data.mnist_dir'):
     ip.load_mnist(None, tfds_data_dir=str(tmp_path / 'empty'))
+  # Download on, but no mirror answers (a closed local port): the same
+  # advice, and what each mirror said.
+  with pytest.raises(ip.MnistError, match='download failed.*offline.*'
+                     'config.data.mnist_dir'):
+    ip.load_mnist(None, tfds_data_dir=str(tmp_path / 'empty'),
+                  download_dir=str(tmp_path / 'dl'),
+                  mirrors=('http://127.0.0.1:9/',), log=lambda _: None)
 
 
 def test_tfds_data_source_with_mock_data():
@@ -168,85 +181,137 @@ def fixture_data():
   return ip.build_multimnist(fake_mnist(np.random.default_rng(5)), seed=0)
 
 
-@pytest.mark.parametrize('method', default.METHODS)
-def test_every_configured_method_builds(method):
-  """Every method of the config builds its transform and gradient kind.
-
-  (What each method computes is tested for every registered method in
-  tests/test_every_method.py; training every one here cost minutes and
-  could not fail.)
-  """
-  config = test_config.get_config(method=method)
-  tx, kind, diagnostics = train.make_method(config, 2)
-  assert kind in ('representation', 'parameters')
-  assert callable(diagnostics) and hasattr(tx, 'update')
+def cfg(**overrides):
+  c = test_config.get_config()
+  for k, v in overrides.items():
+    reproduce.set_field(c, k, v)
+  return c
 
 
 @pytest.mark.parametrize('method', ['mgda_ub', 'mgda', 'graddrop',
                                     'single_task'])
 def test_an_epoch_records_well_formed_metrics(method, data, tmp_path):
-  config = test_config.get_config(method=method, epochs=1)
-  train.train_and_evaluate(config, str(tmp_path), data, log=lambda _: None)
-  if method != 'single_task':
-    with open(tmp_path / 'metrics.jsonl') as f:
-      record = json.loads(f.readline())
-    assert np.all(np.isfinite(record['train_loss']))
-    assert 'nonfinite_steps' not in record  # written only when some were
-    assert len(record['weights']) == 2
-    if method == 'graddrop':  # no task weights: null, not NaN, in JSON
-      assert record['weights'] == [None, None]
-    if method in ('mgda', 'mgda_ub'):
-      np.testing.assert_allclose(sum(record['weights']), 1.0, rtol=1e-5)
-      assert record['solver_gap'] >= 0
+  train.train_and_evaluate(cfg(method=method, epochs=1), str(tmp_path), data,
+                           log=lambda _: None)
+  if method == 'single_task':
+    for name in ('left', 'right'):
+      assert os.path.exists(tmp_path / name / 'metrics.jsonl')
+    return
+  with open(tmp_path / 'metrics.jsonl') as f:
+    record = json.loads(f.readline())
+  assert np.all(np.isfinite(record['train_loss']))
+  assert 'nonfinite_steps' not in record  # written only when some were
+  assert len(record['weights']) == 2
+  assert len(record['val_acc']) == 2 and len(record['test_loss']) == 2
+  if method == 'graddrop':  # no task weights: null, not NaN, in JSON
+    assert record['weights'] == [None, None]
+  if method in ('mgda', 'mgda_ub'):
+    np.testing.assert_allclose(sum(record['weights']), 1.0, rtol=1e-5)
+    assert record['solver_gap'] >= 0
+
+
+def _ref_step(tx, encode, task_losses, params, state, x, y, key):
+  (losses, _), grads = mgda_jax.representation_grads(
+      encode, task_losses, params, x, y, key, has_aux=True, per_task_z=2)
+  updates, state = tx.update(grads, state, params, losses=losses)
+  return optax.apply_updates(params, updates), state, losses
+
+
+def test_an_epoch_is_the_documented_loop(data, tmp_path):
+  """The framework's epoch equals a loop written here from its docstrings.
+
+  Seeding: key(seed) -> (init, data, step) keys; the epoch's permutation
+  from fold_in(data, epoch); step i's key fold_in(fold_in(step, epoch), i);
+  MGDA-UB at Z chained with apply_if_finite(SGD with momentum).
+  """
+  c = cfg(method='mgda_ub', epochs=1, chunk=1)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir, data, log=lambda _: None)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    got = json.loads(f.readline())
+
+  init_key, data_key, step_key = jax.random.split(jax.random.key(0), 3)
+  model = models.MultiLeNet(('left', 'right'), 10, rngs=nnx.Rngs(
+      int(jax.random.randint(init_key, (), 0, 2**31 - 1))))
+  graphdef, params, encode, task_losses = models.functional(model)
+  tx = optax.chain(mgda_jax.mgda_ub(2), optax.apply_if_finite(
+      optax.sgd(0.05, momentum=0.9), 100))
+  state = tx.init(params)
+  x, y = data.train.images[:256], data.train.labels[:256]
+  perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, 1),
+                                           256))
+  epoch_key = jax.random.fold_in(step_key, 1)
+  step = jax.jit(lambda *a: _ref_step(tx, encode, task_losses, *a))
+  losses = []
+  for i in range(256 // 32):
+    idx = perm[i * 32:(i + 1) * 32]
+    params, state, l = step(params, state, x[idx], y[idx],
+                            jax.random.fold_in(epoch_key, i))
+    losses.append(np.asarray(l))
+  np.testing.assert_allclose(got['train_loss'], np.mean(losses, 0),
+                             rtol=1e-5)
+  logits = np.asarray(nnx.merge(graphdef, params)(data.test.images,
+                                                  train=False))
+  acc = (logits.argmax(-1) == data.test.labels.T).mean(1)
+  np.testing.assert_allclose(got['test_acc'], acc, atol=1.5 / 120)
 
 
 def test_training_learns_the_fake_digits(data, tmp_path):
-  config = test_config.get_config(method='mgda_ub', epochs=3,
-                                  max_train_examples=0, batch_size=50,
-                                  chunk=5)
-  result = train.train_and_evaluate(config, str(tmp_path), data,
-                                    log=lambda _: None)
+  c = cfg(method='mgda_ub', epochs=3, max_train_examples=0, batch_size=50,
+          chunk=5)
+  result = train.train_and_evaluate(c, str(tmp_path), data, log=lambda _: None)
   # Ten classes: chance is 0.1; the block digits are easy to learn.
   assert result['test_acc_left'] > 0.5 and result['test_acc_right'] > 0.3
 
 
 def test_evaluation_counts_every_example(data):
-  config = test_config.get_config(eval_batch_size=64)  # 120 = 2 x 60
-  model = train.models.MultiLeNet(train.TASK_NAMES, 10,
-                                  rngs=train.nnx.Rngs(0))
-  graphdef, params, encode, task_losses = train.models.functional(model)
-  tx, kind, diag = train.make_method(config, 2)
-  _, evaluate = train.make_functions(config, (graphdef, encode, task_losses),
-                                     tx, kind, diag)
+  c = cfg(eval_batch_size=64)  # 120 = 2 x 60
+  model = models.MultiLeNet(('left', 'right'), 10, rngs=nnx.Rngs(0))
+  graphdef, params, encode, task_losses = models.functional(model)
+  method = trainer.methods_lib.build(c, 2, steps_per_epoch=1,
+                                     shared=train.EXPERIMENT.shared)
+  _, evaluate = trainer.make_functions(
+      train.EXPERIMENT, c, (graphdef, encode, task_losses), method, 2)
   x, y = data.test.images, data.test.labels
-  _, acc = evaluate(params, x, y)
-  logits = np.asarray(model(x))  # independent: all 120 at once
-  expected = (logits.argmax(-1) == y.T).mean(1)
-  np.testing.assert_allclose(acc, expected, rtol=1e-6)
+  got = evaluate(params, x, y)
+  logits = np.asarray(model(x), np.float64)  # independent: all 120 at once
+  np.testing.assert_allclose(got['acc'], (logits.argmax(-1) == y.T).mean(1),
+                             rtol=1e-6)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, y.T[..., None], -1)[..., 0].mean(1)
+  np.testing.assert_allclose(got['loss'], nll, rtol=1e-4)
+
+
+def test_prior_is_the_entropy_of_the_training_labels(data):
+  args = train.method_args(cfg(), data, (0, 1))
+  priors = np.asarray(args['prior_loss_weighting']['priors'])
+  for i in range(2):
+    p = np.bincount(data.train.labels[:, i], minlength=10) / len(
+        data.train.labels)
+    p = p[p > 0]
+    np.testing.assert_allclose(priors[i], -(p * np.log(p)).sum(), rtol=1e-5)
 
 
 def test_nonfinite_data_is_rejected(data, tmp_path):
   images = data.train.images.copy()
   images[3] = np.nan
   bad = ip.MultiMnist(ip.Split(images, data.train.labels), data.val, data.test)
-  config = test_config.get_config(method='mgda_ub', epochs=1)
-  with pytest.raises(ValueError, match='train images hold non-finite'):
-    train.train_and_evaluate(config, str(tmp_path), bad, log=lambda _: None)
+  with pytest.raises(ValueError, match='train inputs hold non-finite'):
+    train.train_and_evaluate(cfg(epochs=1), str(tmp_path), bad,
+                             log=lambda _: None)
 
 
-@pytest.mark.parametrize('method', ['uniform', 'mgda_ub'])
+@pytest.mark.parametrize('method', ['uniform_weighting', 'mgda_ub'])
 def test_nonfinite_steps_are_skipped_by_the_method_chain(method):
-  config = test_config.get_config(method=method)
-  tx, _, _ = train.make_method(config, 2)
+  tx = trainer.methods_lib.build(cfg(method=method), 2, steps_per_epoch=1,
+                                 shared=None).tx
   params = {'w': np.ones(3, np.float32)}
   state = tx.init(params)
   good = {'w': np.ones((2, 3), np.float32)}
   bad = {'w': np.array([[1.0, np.nan, 1.0], [1.0, 1.0, 1.0]], np.float32)}
-  if method == 'mgda_ub':  # per-task gradients through the same pullback
-    import mgda_jax  # pylint: disable=g-import-not-at-top
-    as_rep = lambda g: mgda_jax.representation_grads(
-        lambda p: p['w'], lambda p, z: z @ g['w'].T, params)[1]
-    good, bad = as_rep(good), as_rep(bad)
+  as_rep = lambda g: mgda_jax.representation_grads(
+      lambda p: p['w'], lambda p, z: z @ g['w'].T, params)[1]
+  good, bad = as_rep(good), as_rep(bad)
   upd, state = tx.update(bad, state, params, losses=np.ones(2, np.float32))
   np.testing.assert_array_equal(upd['w'], 0.0)  # skipped
   upd, state = tx.update(good, state, params, losses=np.ones(2, np.float32))
@@ -256,14 +321,18 @@ def test_nonfinite_steps_are_skipped_by_the_method_chain(method):
 def test_resume_loses_nothing(data, tmp_path):
   straight = str(tmp_path / 'straight')
   resumed = str(tmp_path / 'resumed')
-  cfg = lambda e: test_config.get_config(method='mgda_ub', epochs=e)
-  train.train_and_evaluate(cfg(2), straight, data, log=lambda _: None)
-  train.train_and_evaluate(cfg(1), resumed, data, log=lambda _: None)
+
+  def run(epochs, workdir, log=lambda _: None):
+    return train.train_and_evaluate(cfg(epochs=epochs), workdir, data,
+                                    log=log)
+
+  run(2, straight)
+  run(1, resumed)
   # An interrupted epoch leaves a half-written line; resume discards it.
   with open(os.path.join(resumed, 'metrics.jsonl'), 'a') as f:
     f.write('{"epoch": 2, "train_lo')
   messages = []
-  train.train_and_evaluate(cfg(2), resumed, data, log=messages.append)
+  run(2, resumed, messages.append)  # a longer run is a resumable change
   assert any('resumed from the checkpoint of epoch 1' in m for m in messages)
   read = lambda d: [json.loads(l) for l in open(os.path.join(d,
                                                              'metrics.jsonl'))]
@@ -275,23 +344,54 @@ def test_resume_loses_nothing(data, tmp_path):
     np.testing.assert_allclose(rb['weights'], ra['weights'], rtol=1e-6)
 
 
+def test_resume_with_a_changed_config_names_the_fields(data, tmp_path):
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(cfg(epochs=1), workdir, data, log=lambda _: None)
+  saved = open(os.path.join(workdir, 'config.json')).read()
+  changed = cfg(epochs=1, **{'optimizer.learning_rate': 0.1,
+                             'mgda_ub.normalizer': 'l2'})
+  with pytest.raises(ValueError, match=r"mgda_ub.normalizer: 'none' -> 'l2'"
+                     r'.*optimizer.learning_rate: 0.05 -> 0.1'):
+    train.train_and_evaluate(changed, workdir, data, log=lambda _: None)
+  assert open(os.path.join(workdir, 'config.json')).read() == saved
+  messages = []
+  train.train_and_evaluate(changed, workdir, data, log=messages.append,
+                           force=True)
+  assert open(os.path.join(workdir, 'config.1.json')).read() == saved
+  assert any('config changed on resume' in m for m in messages)
+
+
 def test_cli_bad_config_and_missing_data(tmp_path, capsys):
   with pytest.raises(SystemExit, match='epochs must be >= 1'):
-    main_lib.main(['--epochs', '0'])
+    main_lib.main(['prog', '--config.epochs=0'])
   with pytest.raises(SystemExit, match='devices=64 but only'):
-    main_lib.main(['--devices', '64'])
-  with pytest.raises(SystemExit, match='--mnist-dir'):
-    main_lib.main(['--mnist-dir', str(tmp_path / 'missing'), '--workdir',
-                   str(tmp_path / 'w'), '--cache-dir', str(tmp_path / 'c')])
+    main_lib.main(['prog', '--config.devices=64'])
+  with pytest.raises(SystemExit, match='config.cagrad.c=0.2 is set, but '
+                     "config.method is 'famo'"):
+    main_lib.main(['prog', '--config.method=famo', '--config.cagrad.c=0.2'])
+  with pytest.raises(SystemExit, match='config.mgda_ub.normalizer'):
+    main_lib.main(['prog', '--config.method=famo',
+                   '--config.mgda_ub.normalizer=l2'])
+  with pytest.raises(SystemExit, match='config.method must be one of'):
+    main_lib.main(['prog', '--config.method=kendall'])
+  with pytest.raises(SystemExit, match='config.data.mnist_dir'):
+    main_lib.main(['prog', f'--config.data.mnist_dir={tmp_path / "missing"}',
+                   f'--workdir={tmp_path / "w"}',
+                   f'--config.data.cache_dir={tmp_path / "c"}'])
   capsys.readouterr()
 
 
 def test_cli_end_to_end_on_idx_files(mnist_dir, tmp_path, capsys):
   path, _ = mnist_dir
-  result = main_lib.main(['--config', 'test', '--epochs', '1', '--mnist-dir',
-                          path, '--workdir', str(tmp_path / 'w'),
-                          '--cache-dir', str(tmp_path / 'c')])
+  test_file = os.path.join(os.path.dirname(main_lib.DEFAULT_CONFIG), 'test.py')
+  result = main_lib.main([
+      'prog', f'--config={test_file}', '--config.epochs=1',
+      '--config.method=cagrad', '--config.cagrad.c=0.2',
+      f'--config.data.mnist_dir={path}', f'--workdir={tmp_path / "w"}',
+      f'--config.data.cache_dir={tmp_path / "c"}'])
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert json.loads(last) == json.loads(json.dumps(result))
+  assert result['method'] == 'cagrad'
+  saved = json.load(open(tmp_path / 'w' / 'config.json'))
+  assert saved['cagrad.c'] == 0.2 and saved['epochs'] == 1
   assert os.path.exists(tmp_path / 'w' / 'tensorboard')
-

@@ -9,7 +9,7 @@ import json
 import sys
 import tempfile
 
-from experiments.multimnist import input_pipeline
+from experiments.common import download
 from experiments.multimnist import train
 from experiments.multimnist.configs import default
 
@@ -22,19 +22,20 @@ MIN_LEFT, MIN_RIGHT = 0.90, 0.85
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--mnist-dir', default=None)
-  p.add_argument('--tfds-data-dir', default=None)
+  p.add_argument('--mnist-dir', default='')
+  p.add_argument('--tfds-data-dir', default='')
   p.add_argument('--epochs', type=int, default=2)
   p.add_argument('--min-left', type=float, default=MIN_LEFT)
   p.add_argument('--min-right', type=float, default=MIN_RIGHT)
   args = p.parse_args(argv)
-  config = default.get_config(method='mgda_ub', epochs=args.epochs,
-                              mnist_dir=args.mnist_dir,
-                              tfds_data_dir=args.tfds_data_dir)
+  config = default.get_config()
+  config.method, config.epochs = 'mgda_ub', args.epochs
+  config.data.mnist_dir = args.mnist_dir
+  config.data.tfds_data_dir = args.tfds_data_dir
   with tempfile.TemporaryDirectory() as workdir:
     try:
       result = train.train_and_evaluate(config, workdir)
-    except input_pipeline.MnistError as e:
+    except download.DataError as e:
       sys.exit(f'error: {e}')
   print(json.dumps(result))
   ok = (result['test_acc_left'] >= args.min_left

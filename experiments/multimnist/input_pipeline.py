@@ -13,14 +13,19 @@ documented improvements:
   (a sixth) is carved from the training set (seeded) for best-epoch selection
   (the original selected on the test set).
 
-MNIST is read the way a user has it:
+MNIST is read the way a user has it, in this order:
 
-* through TFDS: ``tfds.data_source('mnist', data_dir=...)`` reads a prepared
-  TFDS data dir without TensorFlow;
-* or from the four raw IDX files (``.gz`` or not) in a folder the user names.
+1. the four raw IDX files (``.gz`` or not) in a folder the user names;
+2. a prepared TFDS data dir, through ``tfds.data_source('mnist',
+   data_dir=...)`` (no TensorFlow needed);
+3. else downloaded: the four ``.gz`` files from the canonical mirrors (the
+   one TFDS uses, then PyTorch's), each verified against its known SHA-256
+   (:data:`SHA256`, as in TFDS's ``url_checksums/mnist.txt``), kept in a
+   download folder and reused. (TFDS's own ``download_and_prepare`` needs
+   TensorFlow to build the set, which the experiments do not install.)
 
-Offline with neither, :func:`load_mnist` raises an error saying how to point
-it at local files. The generated set is cached as one ``.npz`` per (source,
+Offline with none of them, :func:`load_mnist` raises an error saying how to
+point it at local files. The generated set is cached as one ``.npz`` per (source,
 seed) and re-validated on load; a corrupt cache is rebuilt.
 """
 
@@ -32,19 +37,35 @@ from typing import NamedTuple
 
 import numpy as np
 
+from experiments.common import download
+
 IDX_FILES = {
     'train_images': 'train-images-idx3-ubyte',
     'train_labels': 'train-labels-idx1-ubyte',
     'test_images': 't10k-images-idx3-ubyte',
     'test_labels': 't10k-labels-idx1-ubyte',
 }
+# SHA-256 of the canonical .gz files (TFDS url_checksums/mnist.txt).
+SHA256 = {
+    'train-images-idx3-ubyte.gz':
+        '440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
+    'train-labels-idx1-ubyte.gz':
+        '3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
+    't10k-images-idx3-ubyte.gz':
+        '8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
+    't10k-labels-idx1-ubyte.gz':
+        'f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6',
+}
+# The mirror TFDS's mnist builder uses, then the one torchvision uses.
+MIRRORS = ('https://storage.googleapis.com/cvdf-datasets/mnist/',
+           'https://ossci-datasets.s3.amazonaws.com/mnist/')
 NUM_TRAIN, NUM_TEST = 60_000, 10_000
 VAL_FRACTION = 6  # one sixth of the training set: 10,000 of 60,000
 # The normalisation of the paper's code (MNIST mean and std).
 MEAN, STD = 0.1307, 0.3081
 
 
-class MnistError(RuntimeError):
+class MnistError(download.DataError):
   """MNIST could not be found or read."""
 
 
@@ -159,13 +180,18 @@ def read_tfds(data_dir: str | None) -> Mnist:
 
 
 def load_mnist(mnist_dir: str | None = None,
-               tfds_data_dir: str | None = None) -> tuple[Mnist, str]:
-  """MNIST from the folder the user named, else from TFDS.
+               tfds_data_dir: str | None = None, *,
+               download_dir: str | None = None,
+               mirrors=MIRRORS, log=print) -> tuple[Mnist, str]:
+  """MNIST from the folder the user named, else TFDS, else downloaded.
 
   Args:
     mnist_dir: a folder with the four IDX files (takes precedence).
     tfds_data_dir: a TFDS data dir holding prepared ``mnist`` (``None``: the
       TFDS default, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
+    download_dir: where downloaded files are kept (``None``: no download).
+    mirrors: URL prefixes to download from, in order.
+    log: progress messages.
 
   Returns:
     The arrays and a short description of where they came from.
@@ -178,20 +204,32 @@ def load_mnist(mnist_dir: str | None = None,
       return read_idx_dir(mnist_dir), f'idx:{os.path.abspath(mnist_dir)}'
     except MnistError as e:
       raise MnistError(
-          f'{e}. --mnist-dir must name a folder holding the four MNIST IDX '
+          f'{e}. config.data.mnist_dir must name a folder holding the four '
+          'MNIST IDX '
           f'files ({", ".join(v + "[.gz]" for v in IDX_FILES.values())}).'
       ) from e
   try:
     return read_tfds(tfds_data_dir), f'tfds:{tfds_data_dir or "default"}'
   except MnistError as e:
-    raise MnistError(
-        f'No MNIST found ({e}). This machine may be offline, so nothing is '
-        'downloaded. Point the experiment at local data: --mnist-dir DIR with '
-        'the four files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte'
-        '.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, or '
-        '--tfds-data-dir DIR with a prepared TFDS mnist (e.g. made by '
-        "tfds.builder('mnist').download_and_prepare() on a machine with "
-        'internet).') from e
+    tfds_error = e
+  fix = ('Point the experiment at local data: --config.data.mnist_dir=DIR '
+         'with the four files train-images-idx3-ubyte.gz, '
+         'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, '
+         't10k-labels-idx1-ubyte.gz, or --config.data.tfds_data_dir=DIR with '
+         "a prepared TFDS mnist (e.g. made by tfds.builder('mnist')."
+         'download_and_prepare() on a machine with internet).')
+  if not download_dir:
+    raise MnistError(f'No MNIST found ({tfds_error}); downloading is off '
+                     f'(config.data.download). {fix}') from tfds_error
+  log(f'no local MNIST ({tfds_error}); downloading into {download_dir}')
+  try:
+    download.fetch_all(SHA256, mirrors, download_dir, log=log)
+  except download.DownloadError as e:
+    raise MnistError(f'No MNIST found ({tfds_error}), and the download '
+                     f'failed: {e}. This machine may be offline. {fix}'
+                     ) from e
+  return read_idx_dir(download_dir), f'download:{os.path.abspath(download_dir)}'
+
 
 
 # ----------------------------------------------------------------------------
@@ -260,6 +298,8 @@ def _fingerprint(mnist: Mnist) -> str:
 def load_multimnist(cache_dir: str, seed: int = 0, *,
                     mnist_dir: str | None = None,
                     tfds_data_dir: str | None = None,
+                    download_dir: str | None = None,
+                    mirrors=MIRRORS,
                     log=print) -> MultiMnist:
   """MultiMNIST from the cache, or built from MNIST and cached.
 
@@ -267,7 +307,9 @@ def load_multimnist(cache_dir: str, seed: int = 0, *,
   different source or seed never reads a stale set; a cache file that fails
   to load or has the wrong shapes is rebuilt.
   """
-  mnist, where = load_mnist(mnist_dir, tfds_data_dir)
+  mnist, where = load_mnist(mnist_dir, tfds_data_dir,
+                            download_dir=download_dir, mirrors=mirrors,
+                            log=log)
   os.makedirs(cache_dir, exist_ok=True)
   path = os.path.join(cache_dir,
                       f'multimnist-{_fingerprint(mnist)}-seed{seed}.npz')

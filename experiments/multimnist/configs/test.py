@@ -3,8 +3,11 @@
 from experiments.multimnist.configs import default
 
 
-def get_config(**overrides) -> default.Config:
-  base = dict(epochs=2, batch_size=32, chunk=2, eval_batch_size=50,
-              max_train_examples=256)
-  base.update(overrides)
-  return default.get_config(**base)
+def get_config():
+  c = default.get_config()
+  c.epochs = 2
+  c.batch_size = 32
+  c.chunk = 2
+  c.eval_batch_size = 50
+  c.max_train_examples = 256
+  return c

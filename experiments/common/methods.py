@@ -1,0 +1,81 @@
+"""Any registered method, built from the config, and the optimizer chain."""
+
+import inspect
+from typing import Any, Callable
+
+import jax
+import optax
+from ml_collections import config_dict
+
+import mgda_jax
+
+
+class Method:
+  """A built method: the transform, how its gradients are computed, and its
+  diagnostics.
+
+  Attributes:
+    tx: ``optax.chain(method, apply_if_finite(optimizer))``.
+    grad_kind: ``'representation'`` (one forward pass, per-task gradients at
+      Z, one pullback: every method but full MGDA) or ``'parameters'`` (K
+      backward passes; full MGDA, whose shared/head split is the
+      experiment's ``shared`` mask).
+    diagnostics: ``opt_state -> (weights, solver error, solver steps)``, from
+      the method's :class:`mgda_jax.MethodState`.
+  """
+
+  def __init__(self, tx, grad_kind, diagnostics):
+    self.tx, self.grad_kind, self.diagnostics = tx, grad_kind, diagnostics
+
+
+def optimizer(c: config_dict.ConfigDict) -> optax.GradientTransformation:
+  """The base optimizer, skipping non-finite steps (``apply_if_finite``)."""
+  o = c.optimizer
+  if o.name == 'sgd':
+    base = optax.sgd(o.learning_rate, momentum=o.momentum)
+  else:
+    base = optax.adam(o.learning_rate)
+  return optax.apply_if_finite(base,
+                               max_consecutive_errors=c.max_consecutive_nonfinite)
+
+
+def method_kwargs(c: config_dict.ConfigDict, name: str, *,
+                  steps_per_epoch: int, extra: dict[str, Any]
+                  ) -> dict[str, Any]:
+  """The factory's keyword arguments: the config section, the seed for
+  stochastic methods, the epoch length where a method takes it, and what
+  the experiment supplies (``extra``, e.g. ``priors``)."""
+  spec = mgda_jax.method_spec(name)
+  kwargs = dict(c[name].to_dict())
+  if 'weights' in kwargs:
+    if kwargs['weights']:
+      kwargs['weights'] = jax.numpy.asarray(kwargs['weights'], 'float32')
+    else:
+      del kwargs['weights']  # make_method's default: ones
+  params = inspect.signature(spec.factory).parameters
+  if 'key' in params:
+    kwargs['key'] = c.seed
+  if 'steps_per_epoch' in params:
+    kwargs['steps_per_epoch'] = steps_per_epoch
+  kwargs.update(extra)
+  return kwargs
+
+
+def build(c: config_dict.ConfigDict, num_tasks: int, *, steps_per_epoch: int,
+          shared: Callable[[Any], Any], extra: dict[str, Any] | None = None
+          ) -> Method:
+  """Builds ``c.method`` (``single_task`` trains with uniform weights)."""
+  name = 'uniform_weighting' if c.method == 'single_task' else c.method
+  kwargs = method_kwargs(c, name, steps_per_epoch=steps_per_epoch,
+                         extra=(extra or {}).get(name, {}))
+  # Full MGDA is the one method run on the parameter gradients; every other
+  # one (MGDA-UB's way) on the gradients at the representation.
+  grad_kind = 'parameters' if name == 'mgda' else 'representation'
+  if grad_kind == 'parameters':
+    kwargs['shared'] = shared
+  tx = mgda_jax.make_method(name, num_tasks, **kwargs)
+
+  def diagnostics(state):
+    return state[0].weights, state[0].info.error, state[0].info.num_steps
+
+  return Method(optax.chain(tx, optimizer(c)), grad_kind, diagnostics)

@@ -1,0 +1,85 @@
+"""Task specs: names, metrics and their directions; Δm over K tasks."""
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class Metric(NamedTuple):
+  """An evaluation metric, computed per task.
+
+  Attributes:
+    name: the key in the records (``val_<name>``, ``test_<name>``).
+    higher_is_better: its direction (accuracy: True; a loss or error: False).
+    label: a display name for tables.
+  """
+
+  name: str
+  higher_is_better: bool
+  label: str = ''
+
+
+class TaskSpec(NamedTuple):
+  """What an experiment's tasks are.
+
+  Attributes:
+    names: the K task names (the heads' labels, the columns of tables).
+    metrics: the evaluation metrics, each computed for every task.
+    table_metric: the metric that results tables and Δm report.
+  """
+
+  names: tuple[str, ...]
+  metrics: tuple[Metric, ...]
+  table_metric: str
+
+  def metric(self, name: str) -> Metric:
+    for m in self.metrics:
+      if m.name == name:
+        return m
+    raise ValueError(f'unknown metric {name!r}; the metrics are '
+                     f'{[m.name for m in self.metrics]}')
+
+
+def delta_m(values: Sequence[float], baseline: Sequence[float],
+            higher_is_better: Sequence[bool]) -> float:
+  """Δm (%) of Navon et al. (2022): the mean relative drop against a baseline.
+
+  .. math::
+
+    \\Delta_m = \\frac{100}{K} \\sum_k (-1)^{d_k}
+      \\frac{M_k - M_{b,k}}{M_{b,k}},
+
+  with ``d_k = 1`` where higher is better. Lower is better; negative beats
+  the baseline (single-task training). LibMTL's Δp is the same quantity with
+  the opposite sign.
+
+  Args:
+    values: ``M_k``, one per task (and metric).
+    baseline: ``M_{b,k}``, the same length.
+    higher_is_better: ``d_k``, the same length.
+
+  Returns:
+    Δm in per cent.
+
+  Example:
+    >>> round(delta_m([0.9, 0.8], [0.9, 1.0], [True, True]), 6)
+    10.0
+  """
+  v, b = np.asarray(values, float), np.asarray(baseline, float)
+  if v.shape != b.shape or v.shape != (len(higher_is_better),):
+    raise ValueError(f'delta_m needs equal lengths; got {v.shape}, {b.shape} '
+                     f'and {len(higher_is_better)}')
+  sign = np.where(np.asarray(higher_is_better), -1.0, 1.0)
+  return float(100 * np.mean(sign * (v - b) / b))
+
+
+def select_best(records: list[dict], metric: Metric) -> dict:
+  """The record whose mean validation ``metric`` over tasks is best.
+
+  Ties go to the earliest epoch.
+  """
+  if not records:
+    raise ValueError('no finished epoch to select from')
+  sign = 1.0 if metric.higher_is_better else -1.0
+  return max(records, key=lambda r: (sign * np.mean(r[f'val_{metric.name}']),
+                                     -r['epoch']))

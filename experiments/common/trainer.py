@@ -1,0 +1,391 @@
+"""``train_and_evaluate(experiment, config, workdir)``: any dataset, any method.
+
+Everything a step does is one jitted XLA program: an epoch is a few calls of
+a ``lax.scan`` over chunks of on-device batches (gathered from the
+device-resident training set), and nothing leaves the device until the
+chunk ends. Per epoch it writes
+
+* ``metrics.jsonl``: losses, every evaluation metric per task and split, the
+  method's task weights and its solver's certificate and steps, seconds;
+* TensorBoard event files (``tensorboardX``, no TensorFlow needed);
+* an orbax checkpoint of parameters, optimizer state and epoch, from which
+  an interrupted run resumes, losing nothing (the data order and every key
+  are functions of the seed and the epoch).
+
+The run's ``config.json`` is checked on resume
+(:func:`experiments.common.config.check_resume`).
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from ml_collections import config_dict
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from experiments.common import config as config_lib
+from experiments.common import logs
+from experiments.common import methods as methods_lib
+from experiments.common import tasks as tasks_lib
+import mgda_jax
+
+
+class Splits(NamedTuple):
+  """The data: each split an ``(inputs, labels)`` pair of host arrays.
+
+  ``labels`` has one column per task of the spec: ``(N, K, ...)``.
+  """
+
+  train: tuple[np.ndarray, np.ndarray]
+  val: tuple[np.ndarray, np.ndarray]
+  test: tuple[np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What a dataset provides to the framework.
+
+  Attributes:
+    name: used in default workdirs, ``runs/<name>/<method>-seed<seed>``.
+    default_config: ``() -> ConfigDict``, the dataset's ``configs/default``
+      (method sections that differ from it must belong to the chosen
+      method).
+    tasks: the task spec (names, metrics, directions).
+    load_data: ``(config, log) -> Splits``.
+    make_model: ``(config, task_names, rngs) -> nnx.Module``.
+    functional: ``model -> (graphdef, params, encode, task_losses)`` with
+      ``encode(params, x, labels, key) -> Z`` and ``task_losses(params, z,
+      x, labels, key) -> (losses (K,), outputs)``; with a per-task ``Z``
+      (``(K, ...)``) head ``t`` must read only ``Z[t]``.
+    eval_metrics: ``(graphdef, params, x, labels) -> {metric: (K,) sums
+      over the batch}``, in evaluation mode; each metric of the spec.
+    kpis: ``(outputs, labels) -> (K,)`` batch KPIs in ``[0, 1]`` (DTP's).
+    method_args: ``(config, splits, tasks) -> {method: {arg: value}}``,
+      dataset-specific arguments (e.g. ``prior_loss_weighting``'s
+      ``priors``).
+    shared: ``params -> bool mask`` of the shared parameters, for full
+      MGDA (which runs on parameter gradients).
+  """
+
+  name: str
+  default_config: Callable[[], config_dict.ConfigDict]
+  tasks: tasks_lib.TaskSpec
+  load_data: Callable[..., Splits]
+  make_model: Callable[..., nnx.Module]
+  functional: Callable[..., tuple]
+  eval_metrics: Callable[..., dict]
+  kpis: Callable[..., jax.Array]
+  method_args: Callable[..., dict] = lambda config, splits, tasks: {}
+  shared: Callable[[Any], Any] = lambda params: (
+      jax.tree_util.tree_map_with_path(
+          lambda path, _: path[0].key == 'encoder', params))
+
+
+def largest_divisor_at_most(n: int, k: int) -> int:
+  return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+def check_devices(config) -> int:
+  """The number of devices ``config.devices`` asks for, or a ValueError."""
+  n = config.devices or jax.device_count()
+  if n > jax.device_count():
+    raise ValueError(f'config.devices={n} but only {jax.device_count()} are '
+                     'visible (on CPU, simulate more with XLA_FLAGS='
+                     '--xla_force_host_platform_device_count=N).')
+  if config.batch_size % n:
+    raise ValueError(f'config.batch_size={config.batch_size} must be a '
+                     f'multiple of config.devices={n}.')
+  return n
+
+
+def batch_sharding(config, log):
+  """The batch sharding for ``config.devices`` > 1 devices, else None.
+
+  A ``'data'`` mesh axis under ``jax.jit``; the parameters are replicated
+  and XLA all-reduces the Gram matrix and the gradients, so every device
+  solves the global problem and the step equals the one-device step.
+  """
+  n = check_devices(config)
+  if n == 1:
+    return None
+  mesh = jax.make_mesh((n,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+  log(f'data parallel over {n} devices ({jax.devices()[0].platform}): '
+      f'{config.batch_size // n} examples per device per step')
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+
+def make_functions(experiment: Experiment, config, fns, method, num_tasks,
+                   sharding=None):
+  """The jitted chunk of training steps and the evaluation function."""
+  graphdef, encode, task_losses = fns
+  tx = method.tx
+
+  def all_losses(params, x, labels, key):
+    z = encode(params, x, labels, key)
+    return task_losses(params, z, x, labels, key)
+
+  def train_step(params, opt_state, x, labels, key):
+    if sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, sharding)
+      labels = jax.lax.with_sharding_constraint(labels, sharding)
+    if method.grad_kind == 'representation':
+      losses, grads = mgda_jax.representation_grads(
+          encode, task_losses, params, x, labels, key, has_aux=True,
+          per_task_z=num_tasks)
+    else:
+      losses, grads = mgda_jax.per_task_grads(all_losses, params, x, labels,
+                                              key, has_aux=True)
+    losses, outputs = losses
+    kpis = experiment.kpis(outputs, labels)
+    updates, opt_state = tx.update(grads, opt_state, params, losses=losses,
+                                   kpis=kpis)
+    params = optax.apply_updates(params, updates)
+    weights, gap, steps = method.diagnostics(opt_state)
+    return params, opt_state, (losses, weights, gap, steps)
+
+  @jax.jit
+  def train_chunk(params, opt_state, inputs, labels, batch_idx, key, step0):
+    """``lax.scan`` over a ``(chunk, B)`` block of batch indices.
+
+    A chunk of one step is a plain compiled step: on XLA:CPU a step runs
+    several times slower inside a loop (``lax.scan`` or ``fori_loop``) than
+    as a top-level program (BENCHMARKS.md), so on CPU an epoch is a Python
+    loop over one compiled step; accelerators scan longer chunks.
+    """
+    if batch_idx.shape[0] == 1:
+      params, opt_state, metrics = train_step(
+          params, opt_state, inputs[batch_idx[0]], labels[batch_idx[0]],
+          jax.random.fold_in(key, step0))
+      return params, opt_state, jax.tree.map(lambda m: m[None], metrics)
+
+    def body(carry, xs):
+      params, opt_state = carry
+      idx, i = xs
+      k = jax.random.fold_in(key, step0 + i)
+      params, opt_state, metrics = train_step(params, opt_state, inputs[idx],
+                                              labels[idx], k)
+      return (params, opt_state), metrics
+
+    steps = jnp.arange(batch_idx.shape[0])
+    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state),
+                                                (batch_idx, steps))
+    return params, opt_state, metrics
+
+  @jax.jit
+  def evaluate(params, inputs, labels):
+    """Every metric per task, averaged over the split, in fixed batches."""
+    n = inputs.shape[0]
+    # A batch size dividing n, so that no example is left out.
+    b = largest_divisor_at_most(n, config.eval_batch_size)
+    nb = n // b
+
+    def body(_, xs):
+      x, y = xs
+      return None, experiment.eval_metrics(graphdef, params, x, y)
+
+    xs = (inputs[:nb * b].reshape(nb, b, *inputs.shape[1:]),
+          labels[:nb * b].reshape(nb, b, *labels.shape[1:]))
+    _, sums = jax.lax.scan(body, None, xs)
+    return {k: jnp.sum(v, 0) / (nb * b) for k, v in sums.items()}
+
+  return train_chunk, evaluate
+
+
+def _checkpointer(workdir):
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(
+      workdir, 'checkpoints')), options=options)
+
+
+def _check_finite(splits: Splits):
+  for name, (x, _) in zip(Splits._fields, splits):
+    if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(
+        np.isfinite(x)):
+      # Checked here because the network would not show it: XLA's max (in
+      # ReLU and pooling) drops NaNs, so a bad input trains as a blank one.
+      raise ValueError(f'the {name} inputs hold non-finite values; rebuild '
+                       'the data (delete its cache).')
+
+
+def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
+                       workdir: str, *, data: Splits | None = None,
+                       force: bool = False,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains one method; returns the best-validation epoch's test metrics.
+
+  Args:
+    experiment: the dataset's parts.
+    config: a config from :func:`experiments.common.config.base_config`.
+    workdir: checkpoints, metrics and ``final.json``; an existing run there
+      resumes.
+    data: the splits (default: ``experiment.load_data``).
+    force: resume even if the config differs from the saved one (the old
+      ``config.json`` is kept).
+    log: progress messages.
+
+  Returns:
+    ``{'method', 'seed', 'epochs', 'best_epoch', 'seconds_per_epoch',
+    '<split>_<metric>_<task>': value, ...}``, also written to
+    ``final.json``.
+  """
+  spec = experiment.tasks
+  config_lib.validate(config, spec.names, [m.name for m in spec.metrics],
+                      experiment.default_config())
+  tasks = config_lib.task_indices(config, len(spec.names))
+  if config.method == 'single_task' and len(tasks) > 1:
+    return _single_task(experiment, config, workdir, data, force, log)
+  check_devices(config)
+  config_lib.check_resume(workdir, config, force=force, log=log)
+  if data is None:
+    data = experiment.load_data(config, log)
+  _check_finite(data)
+  names = tuple(spec.names[t] for t in tasks)
+  num_tasks = len(tasks)
+  train_x, train_y = data.train
+  if config.max_train_examples:
+    train_x = train_x[:config.max_train_examples]
+    train_y = train_y[:config.max_train_examples]
+  images = jnp.asarray(train_x)
+  labels = jnp.asarray(np.asarray(train_y)[:, list(tasks)])
+  splits = {s: (jnp.asarray(getattr(data, s)[0]),
+                jnp.asarray(np.asarray(getattr(data, s)[1])[:, list(tasks)]))
+            for s in ('val', 'test')}
+  n_batches = images.shape[0] // config.batch_size
+  if n_batches == 0:
+    raise ValueError(f'{images.shape[0]} training examples are fewer than one '
+                     f'batch of {config.batch_size}.')
+  requested = config.chunk or (1 if jax.default_backend() == 'cpu' else 15)
+  chunk = largest_divisor_at_most(n_batches, requested)
+
+  key = jax.random.key(config.seed)
+  init_key, data_key, step_key = jax.random.split(key, 3)
+  model = experiment.make_model(config, names, nnx.Rngs(
+      int(jax.random.randint(init_key, (), 0, 2**31 - 1))))
+  graphdef, params, encode, task_losses = experiment.functional(model)
+  extra = experiment.method_args(config, data, tasks)
+  method = methods_lib.build(config, num_tasks, steps_per_epoch=n_batches,
+                             shared=experiment.shared, extra=extra)
+  opt_state = method.tx.init(params)
+  sharding = batch_sharding(config, log)
+  train_chunk, evaluate = make_functions(
+      experiment, config, (graphdef, encode, task_losses), method, num_tasks,
+      sharding)
+
+  state = {'params': params, 'opt_state': opt_state,
+           'epoch': jnp.zeros((), jnp.int32)}
+  manager = _checkpointer(workdir)
+  start_epoch = 0
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(manager.latest_step(),
+                            args=ocp.args.StandardRestore(abstract))
+    start_epoch = int(state['epoch'])
+    log(f'resumed from the checkpoint of epoch {start_epoch} in {workdir}')
+  logger = logs.Logger(workdir, start_epoch)
+  params, opt_state = state['params'], state['opt_state']
+  if sharding is not None:  # replicate the parameters and the data
+    replicated = jax.sharding.NamedSharding(sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    params, opt_state, images, labels, splits = jax.device_put(
+        (params, opt_state, images, labels, splits), replicated)
+
+  for epoch in range(start_epoch + 1, config.epochs + 1):
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch),
+                                  images.shape[0])
+    batch_idx = perm[:n_batches * config.batch_size].reshape(
+        n_batches // chunk, chunk, config.batch_size)
+    epoch_key = jax.random.fold_in(step_key, epoch)
+    metrics = []
+    start = time.perf_counter()
+    with logs.progress(epoch, config.epochs, n_batches) as bar:
+      for c in range(n_batches // chunk):
+        params, opt_state, m = train_chunk(params, opt_state, images, labels,
+                                           batch_idx[c], epoch_key, c * chunk)
+        metrics.append(m)
+        if c % max(1, 15 // chunk) == 0 or (c + 1) * chunk == n_batches:
+          jax.block_until_ready(params)
+          bar.n = (c + 1) * chunk
+          bar.refresh()
+    seconds = time.perf_counter() - start
+    losses, weights, gap, steps = (np.concatenate([np.asarray(m[i])
+                                                   for m in metrics])
+                                   for i in range(4))
+    record = {'epoch': epoch, 'seconds': round(seconds, 3),
+              'train_loss': losses.mean(0).tolist(),
+              # null where a method has no task weights (GradDrop): JSON
+              # has no NaN.
+              'weights': [None if np.isnan(w) else w
+                          for w in weights.mean(0).tolist()]}
+    if not np.all(np.isnan(gap)):
+      record['solver_gap'] = float(np.nanmean(gap))
+      record['solver_steps'] = float(steps.mean())
+    if not np.all(np.isfinite(losses)):
+      record['nonfinite_steps'] = int(np.sum(~np.isfinite(losses).all(1)))
+    for split, (x, y) in splits.items():
+      for name, value in evaluate(params, x, y).items():
+        record[f'{split}_{name}'] = np.asarray(value).tolist()
+    logger.write(record, names)
+    shown = spec.table_metric
+    log('  ' + ', '.join(
+        f'{n} val {a:.4f} test {t:.4f}' for n, a, t in
+        zip(names, record[f'val_{shown}'], record[f'test_{shown}'])) +
+        f' ({shown}), weights '
+        f'{[round(float(w), 3) for w in weights.mean(0)]}')
+    state = {'params': params, 'opt_state': opt_state,
+             'epoch': jnp.asarray(epoch, jnp.int32)}
+    manager.save(epoch, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  logger.close()
+  return summarise(experiment, config, names, logger.records, workdir)
+
+
+def summarise(experiment, config, names, records, workdir):
+  """The best-validation epoch (``config.select``) and its figures."""
+  if not records:
+    raise RuntimeError(f'no finished epoch in {workdir}')
+  best = tasks_lib.select_best(records, experiment.tasks.metric(config.select))
+  result = {'method': config.method, 'seed': config.seed,
+            'epochs': config.epochs, 'best_epoch': best['epoch'],
+            'seconds_per_epoch': float(np.median([r['seconds']
+                                                  for r in records]))}
+  for split in ('val', 'test'):
+    for m in experiment.tasks.metrics:
+      for i, n in enumerate(names):
+        result[f'{split}_{m.name}_{n}'] = best[f'{split}_{m.name}'][i]
+  with open(os.path.join(workdir, 'final.json'), 'w') as f:
+    json.dump(result, f)
+  return result
+
+
+def _single_task(experiment, config, workdir, data, force, log):
+  """A separate model per task; the results merged into one record."""
+  tasks = config_lib.task_indices(config, len(experiment.tasks.names))
+  merged = {'method': 'single_task', 'seed': config.seed,
+            'epochs': config.epochs, 'best_epoch': {}, 'seconds_per_epoch': 0.0}
+  if data is None:
+    data = experiment.load_data(config, log)
+  for t in tasks:
+    sub = config.copy_and_resolve_references()
+    sub.tasks = (t,)
+    name = experiment.tasks.names[t]
+    r = train_and_evaluate(experiment, sub, os.path.join(workdir, name),
+                           data=data, force=force, log=log)
+    merged['best_epoch'][name] = r['best_epoch']
+    for k, v in r.items():
+      if k.endswith('_' + name) and k.startswith(('val_', 'test_')):
+        merged[k] = v
+    merged['seconds_per_epoch'] += r['seconds_per_epoch']
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'final.json'), 'w') as f:
+    json.dump(merged, f)
+  return merged
