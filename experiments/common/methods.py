@@ -1,7 +1,7 @@
 """Any registered method, built from the config, and the optimizer chain."""
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import optax
@@ -10,7 +10,7 @@ from ml_collections import config_dict
 import mgda_jax
 
 
-class Method:
+class Method(NamedTuple):
   """A built method: the transform, how its gradients are computed, and its
   diagnostics.
 
@@ -24,8 +24,9 @@ class Method:
       the method's :class:`mgda_jax.MethodState`.
   """
 
-  def __init__(self, tx, grad_kind, diagnostics):
-    self.tx, self.grad_kind, self.diagnostics = tx, grad_kind, diagnostics
+  tx: optax.GradientTransformationExtraArgs
+  grad_kind: str
+  diagnostics: Callable[[Any], tuple]
 
 
 def optimizer(c: config_dict.ConfigDict) -> optax.GradientTransformation:
