@@ -178,7 +178,6 @@ def test_main_job_with_only_a_tfds_dir(tmp_path, capsys):
 
 
 def test_every_registered_method_has_a_section_and_builds():
-  c = default.get_config()
   data = ip.build_multimnist(fake_mnist(np.random.default_rng(2)), seed=0)
   for name in config_lib.method_names():
     c = default.get_config()
