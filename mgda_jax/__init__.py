@@ -80,6 +80,8 @@ from mgda_jax._src.weightings.loss_balancing import realtime_loss_weighting
 from mgda_jax._src.weightings.loss_balancing import regression_prior
 from mgda_jax._src.weightings.loss_balancing import rlw
 from mgda_jax._src.weightings.loss_balancing import RLWInner
+# Task grouping (TAG), a namespace: mgda_jax.tag.select_groups, ...
+from mgda_jax import tag
 
 __version__ = '0.2.0'
 
@@ -150,6 +152,7 @@ __all__ = (
     'RLWInner',
     'SolveInfo',
     'SolverResult',
+    'tag',
     'task_orders',
     'uncertainty_weighting',
     'UncertaintyInner',

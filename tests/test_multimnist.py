@@ -223,9 +223,11 @@ def test_an_epoch_is_the_documented_loop(data, tmp_path):
 
   Seeding: key(seed) -> (init, data, step) keys; the epoch's permutation
   from fold_in(data, epoch); step i's key fold_in(fold_in(step, epoch), i);
-  MGDA-UB at Z chained with apply_if_finite(SGD with momentum).
+  MGDA-UB at Z chained with apply_if_finite(SGD with momentum); TAG's
+  affinity (config.affinity) on steps 0, 3, 6 with the bare SGD's state
+  before the step, the step's batch and key, the encoder shared.
   """
-  c = cfg(method='mgda_ub', epochs=1, chunk=1)
+  c = cfg(method='mgda_ub', epochs=1, chunk=1, **{'affinity.every': 3})
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(c, workdir, data, log=lambda _: None)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -243,14 +245,30 @@ def test_an_epoch_is_the_documented_loop(data, tmp_path):
                                            256))
   epoch_key = jax.random.fold_in(step_key, 1)
   step = jax.jit(lambda *a: _ref_step(tx, encode, task_losses, *a))
-  losses = []
+  sgd = optax.sgd(0.05, momentum=0.9)
+
+  @jax.jit
+  def affinity(params, sgd_state, x, y, key):
+    return mgda_jax.tag.lookahead_affinity(
+        lambda p, x, y, k: task_losses(p, encode(p, x, y, k), x, y, k),
+        params, x, y, key, has_aux=True, optimizer=sgd, opt_state=sgd_state,
+        shared=lambda p: jax.tree_util.tree_map_with_path(
+            lambda path, _: path[0].key == 'encoder', p)).affinity
+
+  losses, affinities = [], []
   for i in range(256 // 32):
     idx = perm[i * 32:(i + 1) * 32]
-    params, state, l = step(params, state, x[idx], y[idx],
-                            jax.random.fold_in(epoch_key, i))
+    key = jax.random.fold_in(epoch_key, i)
+    if i % 3 == 0:
+      affinities.append(affinity(params, state[1].inner_state, x[idx], y[idx],
+                                 key))
+    params, state, l = step(params, state, x[idx], y[idx], key)
     losses.append(np.asarray(l))
   np.testing.assert_allclose(got['train_loss'], np.mean(losses, 0),
                              rtol=1e-5)
+  assert got['affinity_steps'] == 3 and got['affinity_skipped'] == 0
+  np.testing.assert_allclose(got['affinity'], np.mean(affinities, 0),
+                             rtol=1e-4, atol=1e-6)
   logits = np.asarray(nnx.merge(graphdef, params)(data.test.images,
                                                   train=False))
   acc = (logits.argmax(-1) == data.test.labels.T).mean(1)
@@ -268,13 +286,14 @@ def test_training_learns_the_fake_digits(data, tmp_path):
 def test_evaluation_counts_every_example(data):
   c = cfg(eval_batch_size=64)  # 120 = 2 x 60
   model = models.MultiLeNet(('left', 'right'), 10, rngs=nnx.Rngs(0))
-  graphdef, params, encode, task_losses = models.functional(model)
+  graphdef, params, state, encode, task_losses, metrics = trainer.split_model(
+      train.EXPERIMENT, model)
   method = trainer.methods_lib.build(c, 2, steps_per_epoch=1,
                                      shared=train.EXPERIMENT.shared)
   _, evaluate = trainer.make_functions(
-      train.EXPERIMENT, c, (graphdef, encode, task_losses), method, 2)
+      train.EXPERIMENT, c, (graphdef, encode, task_losses, metrics), method, 2)
   x, y = data.test.images, data.test.labels
-  got = evaluate(params, x, y)
+  got = evaluate(params, state, x, y)
   logits = np.asarray(model(x), np.float64)  # independent: all 120 at once
   np.testing.assert_allclose(got['acc'], (logits.argmax(-1) == y.T).mean(1),
                              rtol=1e-6)
@@ -324,8 +343,9 @@ def test_resume_loses_nothing(data, tmp_path):
   resumed = str(tmp_path / 'resumed')
 
   def run(epochs, workdir, log=lambda _: None):
-    return train.train_and_evaluate(cfg(epochs=epochs), workdir, data,
-                                    log=log)
+    # every=3 over 8 steps an epoch: the schedule crosses the epochs.
+    return train.train_and_evaluate(
+        cfg(epochs=epochs, **{'affinity.every': 3}), workdir, data, log=log)
 
   run(2, straight)
   run(1, resumed)
@@ -343,6 +363,10 @@ def test_resume_loses_nothing(data, tmp_path):
     np.testing.assert_allclose(rb['train_loss'], ra['train_loss'], rtol=1e-6)
     np.testing.assert_allclose(rb['test_acc'], ra['test_acc'])
     np.testing.assert_allclose(rb['weights'], ra['weights'], rtol=1e-6)
+    np.testing.assert_allclose(rb['affinity'], ra['affinity'], rtol=1e-5)
+    assert rb['affinity_steps'] == ra['affinity_steps']
+  # Steps 0, 3, 6 of epoch 1; 9, 12, 15 (= 1, 4, 7) of epoch 2.
+  assert [r['affinity_steps'] for r in a] == [3, 3]
 
 
 def test_resume_with_a_changed_config_names_the_fields(data, tmp_path):

@@ -34,8 +34,10 @@ NOT_CONFIG = ('num_tasks', 'axis_name', 'shared', 'key', 'priors',
 # Fields a resumed run may change: the length of the run, and where the
 # same data is read from (its content is fingerprinted by the pipeline).
 RESUMABLE_CHANGES = ('epochs', 'data.mnist_dir', 'data.tfds_data_dir',
-                     'data.download_dir', 'data.mirrors', 'data.download')
+                     'data.download_dir', 'data.mirrors', 'data.download',
+                     'data.celeba_dir')
 OPTIMIZERS = ('sgd', 'adam')
+AFFINITY_KINDS = ('lookahead', 'linearized', 'cosine')
 
 
 def method_names() -> tuple[str, ...]:
@@ -91,6 +93,15 @@ def base_config() -> config_dict.ConfigDict:
   # Best-epoch selection: this evaluation metric on the validation split,
   # averaged over tasks (its direction comes from the task spec).
   c.select = 'acc'
+  # TAG (mgda_jax.tag): record the inter-task affinity inside the training
+  # step every `every` steps (0: off), per epoch into metrics.jsonl and its
+  # average over epochs into final.json.
+  c.affinity = config_dict.ConfigDict({
+      'every': 0,
+      'kind': 'lookahead',    # lookahead | linearized | cosine
+      'divide_by_lr': False,  # the official code's division by the lr
+      'drop_last': 0,         # epochs left out of the final average
+  })
   for name in mgda_jax.METHODS:
     c[name] = method_section(name)
   return c
@@ -114,6 +125,12 @@ FIELD_HELP = {
     'tasks': 'train only these task indices, e.g. "(0,)" (): all',
     'max_train_examples': 'use only this many training examples (0: all)',
     'select': 'validation metric for best-epoch selection',
+    'affinity.every': "TAG: the affinity's period in steps (0: off)",
+    'affinity.kind': 'lookahead (TAG), linearized (its first order, no '
+                     'extra forward pass) or cosine (the CS baseline)',
+    'affinity.divide_by_lr': "divide the lookahead by the learning rate "
+                             "(the official code's choice)",
+    'affinity.drop_last': "epochs left out of final.json's average",
     # The data fields of the datasets that have them.
     'data.mnist_dir': 'a folder with the four MNIST IDX files (first choice)',
     'data.tfds_data_dir': "a TFDS data dir with prepared mnist ('': TFDS's "
@@ -122,6 +139,10 @@ FIELD_HELP = {
     'data.download_dir': 'where downloaded files are kept (and reused)',
     'data.mirrors': 'URL prefixes to download from, in order',
     'data.cache_dir': 'where the generated data set is cached',
+    'data.celeba_dir': 'a folder of the official CelebA files (first '
+                       'choice; else TFDS celeb_a)',
+    'model': 'the network: resnet18 (the paper) or tag (the TAG code\'s '
+             'one-block trunk)',
 }
 
 
@@ -197,6 +218,16 @@ def validate(c: config_dict.ConfigDict, task_names: Sequence[str],
   if c.optimizer.name == 'adam' and c.optimizer.momentum != 0.9:
     raise ValueError('config.optimizer.momentum applies to sgd only; got '
                      f'{c.optimizer.momentum} with adam.')
+  if c.affinity.every < 0 or c.affinity.drop_last < 0:
+    raise ValueError('config.affinity.every and config.affinity.drop_last '
+                     f'must be >= 0; got {c.affinity.every} and '
+                     f'{c.affinity.drop_last}')
+  if c.affinity.kind not in AFFINITY_KINDS:
+    raise ValueError(f'config.affinity.kind must be one of {AFFINITY_KINDS}; '
+                     f'got {c.affinity.kind!r}')
+  if c.affinity.drop_last and c.affinity.drop_last >= c.epochs:
+    raise ValueError(f'config.affinity.drop_last={c.affinity.drop_last} '
+                     f'leaves no epoch of {c.epochs} to average.')
   k = len(task_names)
   tasks = tuple(c.tasks)
   if len(set(tasks)) != len(tasks) or any(

@@ -22,21 +22,28 @@ class Method(NamedTuple):
       experiment's ``shared`` mask).
     diagnostics: ``opt_state -> (weights, solver error, solver steps)``, from
       the method's :class:`mgda_jax.MethodState`.
+    base: the bare optimizer (no ``apply_if_finite``), for TAG's lookahead.
+    base_state: ``opt_state -> base's state`` inside ``tx``'s state.
   """
 
   tx: optax.GradientTransformationExtraArgs
   grad_kind: str
   diagnostics: Callable[[Any], tuple]
+  base: optax.GradientTransformation
+  base_state: Callable[[Any], Any]
+
+
+def base_optimizer(c: config_dict.ConfigDict) -> optax.GradientTransformation:
+  """``config.optimizer``: SGD with momentum, or Adam."""
+  o = c.optimizer
+  if o.name == 'sgd':
+    return optax.sgd(o.learning_rate, momentum=o.momentum)
+  return optax.adam(o.learning_rate)
 
 
 def optimizer(c: config_dict.ConfigDict) -> optax.GradientTransformation:
   """The base optimizer, skipping non-finite steps (``apply_if_finite``)."""
-  o = c.optimizer
-  if o.name == 'sgd':
-    base = optax.sgd(o.learning_rate, momentum=o.momentum)
-  else:
-    base = optax.adam(o.learning_rate)
-  return optax.apply_if_finite(base,
+  return optax.apply_if_finite(base_optimizer(c),
                                max_consecutive_errors=c.max_consecutive_nonfinite)
 
 
@@ -79,4 +86,8 @@ def build(c: config_dict.ConfigDict, num_tasks: int, *, steps_per_epoch: int,
   def diagnostics(state):
     return state[0].weights, state[0].info.error, state[0].info.num_steps
 
-  return Method(optax.chain(tx, optimizer(c)), grad_kind, diagnostics)
+  def base_state(state):
+    return state[1].inner_state  # chain(method, apply_if_finite(base))
+
+  return Method(optax.chain(tx, optimizer(c)), grad_kind, diagnostics,
+                base_optimizer(c), base_state)

@@ -10,13 +10,18 @@ chunk ends. Per epoch it writes
 * TensorBoard event files (``tensorboardX``, no TensorFlow needed);
 * an orbax checkpoint of parameters, optimizer state and epoch, from which
   an interrupted run resumes, losing nothing (the data order and every key
-  are functions of the seed and the epoch).
+  are functions of the seed and the epoch);
+* with ``config.affinity.every > 0``, the epoch's mean inter-task affinity
+  (TAG's lookahead, its linearisation, or the gradients' cosine; see
+  :mod:`mgda_jax.tag`), computed inside the same jitted step as training;
+  ``final.json`` then holds its average over epochs.
 
 The run's ``config.json`` is checked on resume
 (:func:`experiments.common.config.check_resume`).
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -72,6 +77,14 @@ class Experiment:
       ``priors``).
     shared: ``params -> bool mask`` of the shared parameters, for full
       MGDA (which runs on parameter gradients).
+    stateful: the model has a state besides its parameters (BatchNorm
+      statistics). Then ``functional`` returns ``(graphdef, params,
+      model_state, encode, task_losses)`` with ``encode(params, model_state,
+      x, labels, key) -> (Z, new_model_state)`` (the encoder runs once per
+      step, so the statistics are updated once), and ``eval_metrics`` takes
+      ``model_state`` as a fifth argument. The state is checkpointed with
+      the parameters; TAG's lookahead reads batch statistics, as the
+      official code does.
   """
 
   name: str
@@ -86,6 +99,26 @@ class Experiment:
   shared: Callable[[Any], Any] = lambda params: (
       jax.tree_util.tree_map_with_path(
           lambda path, _: path[0].key == 'encoder', params))
+  stateful: bool = False
+
+
+def split_model(experiment: Experiment, model):
+  """``(graphdef, params, model_state, encode, task_losses, eval_metrics)``
+  in the stateful form, whatever the experiment's (a stateless model's state
+  is ``()``)."""
+  if experiment.stateful:
+    graphdef, params, state, encode, task_losses = experiment.functional(model)
+    return graphdef, params, state, encode, task_losses, experiment.eval_metrics
+  graphdef, params, encode, task_losses = experiment.functional(model)
+
+  def stateful_encode(params, state, x, labels, key):
+    return encode(params, x, labels, key), state
+
+  def eval_metrics(graphdef, params, x, labels, state):
+    del state
+    return experiment.eval_metrics(graphdef, params, x, labels)
+
+  return graphdef, params, (), stateful_encode, task_losses, eval_metrics
 
 
 def largest_divisor_at_most(n: int, k: int) -> int:
@@ -123,65 +156,113 @@ def batch_sharding(config, log):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
 
 
+def affinity_tracker(config):
+  """``mgda_jax.tag.affinity_average`` for ``config.affinity``, or None."""
+  if not config.affinity.every:
+    return None
+  return mgda_jax.tag.affinity_average(every=config.affinity.every)
+
+
 def make_functions(experiment: Experiment, config, fns, method, num_tasks,
                    sharding=None):
   """The jitted chunk of training steps and the evaluation function."""
-  graphdef, encode, task_losses = fns
+  graphdef, encode_with_state, task_losses, eval_metrics = fns
   tx = method.tx
+  tracker = affinity_tracker(config)
+  aff = config.affinity
 
-  def all_losses(params, x, labels, key):
-    z = encode(params, x, labels, key)
-    return task_losses(params, z, x, labels, key)
+  def track_affinity(track, mode, all_losses, params, opt_state, grads, losses,
+                     x, labels, key):
+    """TAG's affinity of this batch into the running average: ``mode``
+    'add' (a due step), 'skip', or 'cond' (the schedule on the device)."""
+    def affinity():
+      if aff.kind == 'cosine':
+        return mgda_jax.tag.cosine_affinity(grads, params,
+                                            shared=experiment.shared)
+      return mgda_jax.tag.lookahead_affinity(
+          all_losses, params, x, labels, key, has_aux=True,
+          optimizer=method.base, opt_state=method.base_state(opt_state),
+          shared=experiment.shared, grads=grads, losses=losses,
+          linearize=aff.kind == 'linearized',
+          # vmap over the weights makes convolutions grouped: slow on CPU.
+          unroll=jax.default_backend() == 'cpu',
+          step_size=(config.optimizer.learning_rate if aff.divide_by_lr
+                     else None)).affinity
+    if mode == 'add':
+      return tracker.add(track, affinity())
+    if mode == 'skip':
+      return tracker.skip(track)
+    return tracker.update(track, affinity)
 
-  def train_step(params, opt_state, x, labels, key):
+  def train_step(params, model_state, opt_state, track, x, labels, key,
+                 mode):
     if sharding is not None:
       x = jax.lax.with_sharding_constraint(x, sharding)
       labels = jax.lax.with_sharding_constraint(labels, sharding)
+
+    def encode(params, x, labels, key):
+      return encode_with_state(params, model_state, x, labels, key)
+
+    def all_losses(params, x, labels, key):
+      z, _ = encode(params, x, labels, key)
+      return task_losses(params, z, x, labels, key)
+
     if method.grad_kind == 'representation':
-      losses, grads = mgda_jax.representation_grads(
+      losses, grads, model_state = mgda_jax.representation_grads(
           encode, task_losses, params, x, labels, key, has_aux=True,
-          per_task_z=num_tasks)
+          per_task_z=num_tasks, encoder_has_aux=True)
     else:
-      losses, grads = mgda_jax.per_task_grads(all_losses, params, x, labels,
-                                              key, has_aux=True)
+      def with_state(params, x, labels, key):
+        z, new_state = encode(params, x, labels, key)
+        losses, outputs = task_losses(params, z, x, labels, key)
+        return losses, (outputs, new_state)
+      (losses, (outputs, model_state)), grads = mgda_jax.per_task_grads(
+          with_state, params, x, labels, key, has_aux=True)
+      losses = (losses, outputs)
     losses, outputs = losses
+    if tracker is not None:
+      track = track_affinity(track, mode, all_losses, params, opt_state,
+                             grads, losses, x, labels, key)
     kpis = experiment.kpis(outputs, labels)
     updates, opt_state = tx.update(grads, opt_state, params, losses=losses,
                                    kpis=kpis)
     params = optax.apply_updates(params, updates)
     weights, gap, steps = method.diagnostics(opt_state)
-    return params, opt_state, (losses, weights, gap, steps)
+    return params, model_state, opt_state, track, (losses, weights, gap,
+                                                   steps)
 
-  @jax.jit
-  def train_chunk(params, opt_state, inputs, labels, batch_idx, key, step0):
+  @functools.partial(jax.jit, static_argnames='mode')
+  def train_chunk(params, model_state, opt_state, track, inputs, labels,
+                  batch_idx, key, step0, mode='none'):
     """``lax.scan`` over a ``(chunk, B)`` block of batch indices.
 
     A chunk of one step is a plain compiled step: on XLA:CPU a step runs
     several times slower inside a loop (``lax.scan`` or ``fori_loop``) than
     as a top-level program (BENCHMARKS.md), so on CPU an epoch is a Python
-    loop over one compiled step; accelerators scan longer chunks.
+    loop over one compiled step; accelerators scan longer chunks. The same
+    holds for ``lax.cond``, so a one-step chunk takes the affinity schedule
+    from the host (``mode`` 'add' or 'skip'); a longer chunk's steps use
+    ``mode='cond'``.
     """
     if batch_idx.shape[0] == 1:
-      params, opt_state, metrics = train_step(
-          params, opt_state, inputs[batch_idx[0]], labels[batch_idx[0]],
-          jax.random.fold_in(key, step0))
-      return params, opt_state, jax.tree.map(lambda m: m[None], metrics)
+      *carry, metrics = train_step(
+          params, model_state, opt_state, track, inputs[batch_idx[0]],
+          labels[batch_idx[0]], jax.random.fold_in(key, step0), mode)
+      return (*carry, jax.tree.map(lambda m: m[None], metrics))
 
     def body(carry, xs):
-      params, opt_state = carry
       idx, i = xs
       k = jax.random.fold_in(key, step0 + i)
-      params, opt_state, metrics = train_step(params, opt_state, inputs[idx],
-                                              labels[idx], k)
-      return (params, opt_state), metrics
+      *carry, metrics = train_step(*carry, inputs[idx], labels[idx], k, mode)
+      return tuple(carry), metrics
 
     steps = jnp.arange(batch_idx.shape[0])
-    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state),
-                                                (batch_idx, steps))
-    return params, opt_state, metrics
+    carry, metrics = jax.lax.scan(
+        body, (params, model_state, opt_state, track), (batch_idx, steps))
+    return (*carry, metrics)
 
   @jax.jit
-  def evaluate(params, inputs, labels):
+  def evaluate(params, model_state, inputs, labels):
     """Every metric per task, averaged over the split, in fixed batches."""
     n = inputs.shape[0]
     # A batch size dividing n, so that no example is left out.
@@ -190,7 +271,7 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
 
     def body(_, xs):
       x, y = xs
-      return None, experiment.eval_metrics(graphdef, params, x, y)
+      return None, eval_metrics(graphdef, params, x, y, model_state)
 
     xs = (inputs[:nb * b].reshape(nb, b, *inputs.shape[1:]),
           labels[:nb * b].reshape(nb, b, *labels.shape[1:]))
@@ -271,18 +352,25 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   init_key, data_key, step_key = jax.random.split(key, 3)
   model = experiment.make_model(config, names, nnx.Rngs(
       int(jax.random.randint(init_key, (), 0, 2**31 - 1))))
-  graphdef, params, encode, task_losses = experiment.functional(model)
+  (graphdef, params, model_state, encode, task_losses,
+   eval_metrics) = split_model(experiment, model)
   extra = experiment.method_args(config, data, tasks)
   method = methods_lib.build(config, num_tasks, steps_per_epoch=n_batches,
                              shared=experiment.shared, extra=extra)
   opt_state = method.tx.init(params)
   sharding = batch_sharding(config, log)
   train_chunk, evaluate = make_functions(
-      experiment, config, (graphdef, encode, task_losses), method, num_tasks,
+      experiment, config, (graphdef, encode, task_losses, eval_metrics),
+      method, num_tasks,
       sharding)
 
+  tracker = affinity_tracker(config)
   state = {'params': params, 'opt_state': opt_state,
            'epoch': jnp.zeros((), jnp.int32)}
+  if tracker is not None:
+    state['affinity'] = tracker.init(num_tasks)
+  if experiment.stateful:
+    state['model_state'] = model_state
   manager = _checkpointer(workdir)
   start_epoch = 0
   if manager.latest_step() is not None:
@@ -293,11 +381,14 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
     log(f'resumed from the checkpoint of epoch {start_epoch} in {workdir}')
   logger = logs.Logger(workdir, start_epoch)
   params, opt_state = state['params'], state['opt_state']
+  track = state.get('affinity', ())
+  model_state = state.get('model_state', ())
   if sharding is not None:  # replicate the parameters and the data
     replicated = jax.sharding.NamedSharding(sharding.mesh,
                                             jax.sharding.PartitionSpec())
-    params, opt_state, images, labels, splits = jax.device_put(
-        (params, opt_state, images, labels, splits), replicated)
+    params, model_state, opt_state, track, images, labels, splits = (
+        jax.device_put((params, model_state, opt_state, track, images, labels,
+                        splits), replicated))
 
   for epoch in range(start_epoch + 1, config.epochs + 1):
     perm = jax.random.permutation(jax.random.fold_in(data_key, epoch),
@@ -306,11 +397,21 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
         n_batches // chunk, chunk, config.batch_size)
     epoch_key = jax.random.fold_in(step_key, epoch)
     metrics = []
+    if tracker is not None:
+      track = mgda_jax.tag.reset_epoch(track)
     start = time.perf_counter()
     with logs.progress(epoch, config.epochs, n_batches) as bar:
       for c in range(n_batches // chunk):
-        params, opt_state, m = train_chunk(params, opt_state, images, labels,
-                                           batch_idx[c], epoch_key, c * chunk)
+        if tracker is None:
+          mode = 'none'
+        elif chunk > 1:
+          mode = 'cond'
+        else:
+          due = ((epoch - 1) * n_batches + c) % config.affinity.every == 0
+          mode = 'add' if due else 'skip'
+        params, model_state, opt_state, track, m = train_chunk(
+            params, model_state, opt_state, track, images, labels,
+            batch_idx[c], epoch_key, c * chunk, mode=mode)
         metrics.append(m)
         if c % max(1, 15 // chunk) == 0 or (c + 1) * chunk == n_batches:
           jax.block_until_ready(params)
@@ -331,8 +432,15 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
       record['solver_steps'] = float(steps.mean())
     if not np.all(np.isfinite(losses)):
       record['nonfinite_steps'] = int(np.sum(~np.isfinite(losses).all(1)))
+    if tracker is not None:
+      z = np.asarray(mgda_jax.tag.epoch_affinity(track))
+      # [source][target]; null where no finite affinity was recorded.
+      record['affinity'] = [[None if np.isnan(v) else float(v) for v in row]
+                            for row in z]
+      record['affinity_steps'] = int(track.count)
+      record['affinity_skipped'] = int(track.skipped)
     for split, (x, y) in splits.items():
-      for name, value in evaluate(params, x, y).items():
+      for name, value in evaluate(params, model_state, x, y).items():
         record[f'{split}_{name}'] = np.asarray(value).tolist()
     logger.write(record, names)
     shown = spec.table_metric
@@ -343,6 +451,10 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
         f'{[round(float(w), 3) for w in weights.mean(0)]}')
     state = {'params': params, 'opt_state': opt_state,
              'epoch': jnp.asarray(epoch, jnp.int32)}
+    if tracker is not None:
+      state['affinity'] = track
+    if experiment.stateful:
+      state['model_state'] = model_state
     manager.save(epoch, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   logger.close()
@@ -362,6 +474,12 @@ def summarise(experiment, config, names, records, workdir):
     for m in experiment.tasks.metrics:
       for i, n in enumerate(names):
         result[f'{split}_{m.name}_{n}'] = best[f'{split}_{m.name}'][i]
+  if config.affinity.every:
+    epochs = np.array([[[np.nan if v is None else v for v in row]
+                        for row in r['affinity']] for r in records])
+    result['affinity'] = np.asarray(mgda_jax.tag.average_affinity(
+        epochs, drop_last=config.affinity.drop_last)).tolist()
+    result['tasks'] = list(names)
   with open(os.path.join(workdir, 'final.json'), 'w') as f:
     json.dump(result, f)
   return result
