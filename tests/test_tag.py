@@ -187,6 +187,31 @@ def test_affinity_from_representation_grads_is_exact():
   np.testing.assert_allclose(unrolled.affinity, ref.affinity, atol=1e-6)
 
 
+def test_representation_affinity_with_an_orthonormal_encoder():
+  """Z = X W with orthonormal rows of X: J J^T = I, so <r_i, r_j> / L_j
+  times the learning rate is the first-order (linearized) affinity."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 5)))
+    x = jnp.asarray(q.T)  # (5, 8), orthonormal rows
+    y = jnp.asarray(rng.normal(size=(5, 3)))
+    params = {'enc': {'w': jnp.asarray(rng.normal(size=(8, 4)))},
+              'heads': jnp.asarray(rng.normal(size=(4, 3)))}
+    encode = lambda p, x, y: x @ p['enc']['w']
+    heads = lambda p, z, x, y: jnp.mean((z @ p['heads'] - y) ** 2, 0) + 0.1
+    loss = lambda p, x, y: heads(p, encode(p, x, y), x, y)
+    losses, rgrads = mgda_jax.representation_grads(encode, heads, params, x,
+                                                   y)
+    z_rep = tag.representation_affinity(rgrads, losses)
+    opt = optax.sgd(0.01)
+    lin = tag.lookahead_affinity(loss, params, x, y, optimizer=opt,
+                                 opt_state=opt.init(params), shared=SHARED,
+                                 linearize=True)
+    np.testing.assert_allclose(0.01 * z_rep, lin.affinity, rtol=1e-10)
+    bad = tag.representation_affinity(rgrads, losses.at[1].set(jnp.nan))
+    assert np.isnan(bad[:, 1]).all() and np.isfinite(bad[:, 0]).all()
+
+
 def test_affinity_nonfinite_is_nan_never_finite():
   params, loss, _, _, x, y = mlp_problem(dtype=jnp.float32)
   opt = optax.sgd(0.05)
@@ -340,9 +365,8 @@ def set_partitions(items):
     yield [[first]] + part
 
 
-def brute_force_partitions(a, budget):
-  """Serving sets as explicit set partitions, each block's best superset by
-  enumeration (checked against the collection search where both run)."""
+def best_blocks(a):
+  """Each serving set's best superset value, by enumeration."""
   k = a.shape[0]
   best_block = {}
   for m in range(1, k + 1):
@@ -354,8 +378,17 @@ def brute_force_partitions(a, budget):
           g = sorted(p + extra)
           best = max(best, sum(tag.group_scores(a, g)[g.index(t)] for t in p))
       best_block[p] = best
-  return max(sum(best_block[tuple(sorted(b))] for b in part) / k
-             for part in set_partitions(list(range(k))) if len(part) <= budget)
+  return best_block
+
+
+def brute_force_partitions(a, budgets):
+  """Serving sets as explicit set partitions, each block's best superset by
+  enumeration (checked against the collection search where both run)."""
+  k = a.shape[0]
+  blocks = best_blocks(a)
+  values = [(len(part), sum(blocks[tuple(sorted(b))] for b in part) / k)
+            for part in set_partitions(list(range(k)))]
+  return {b: max(v for n, v in values if n <= b) for b in budgets}
 
 
 @pytest.mark.parametrize('k,budgets,reference', [
@@ -370,11 +403,13 @@ def test_select_groups_is_exact_against_brute_force(k, budgets, reference):
     if trial:  # planted structure with noise: the realistic case
       blocks = rng.integers(0, 3, k)
       a = a * 0.3 + (blocks[:, None] == blocks[None, :]) - 0.5
+    by_partitions = (brute_force_partitions(a, budgets)
+                     if reference == 'partitions' else None)
     for b in budgets:
       got = tag.select_groups(a, b)
       assert got.exact
       ref = (brute_force_collections(a, b) if reference == 'collections'
-             else brute_force_partitions(a, b))
+             else by_partitions[b])
       np.testing.assert_allclose(got.score, ref, rtol=1e-12, atol=1e-12)
       # The reported groups really score that, and serve every task.
       score, _, serving = tag.collection_score(a, got.groups)
@@ -419,6 +454,8 @@ def test_select_groups_errors_and_edge_cases():
   b = a.copy()
   np.fill_diagonal(b, 1e9)
   assert tag.select_groups(a, 2).groups == tag.select_groups(b, 2).groups
+  np.fill_diagonal(b, np.nan)
+  assert tag.select_groups(a, 2).score == tag.select_groups(b, 2).score
   with pytest.raises(ValueError, match='do not cover'):
     tag.collection_score(a, [(0, 1)])
 

@@ -37,7 +37,7 @@ RESUMABLE_CHANGES = ('epochs', 'data.mnist_dir', 'data.tfds_data_dir',
                      'data.download_dir', 'data.mirrors', 'data.download',
                      'data.celeba_dir')
 OPTIMIZERS = ('sgd', 'adam')
-AFFINITY_KINDS = ('lookahead', 'linearized', 'cosine')
+AFFINITY_KINDS = ('lookahead', 'linearized', 'representation', 'cosine')
 
 
 def method_names() -> tuple[str, ...]:
@@ -98,7 +98,7 @@ def base_config() -> config_dict.ConfigDict:
   # average over epochs into final.json.
   c.affinity = config_dict.ConfigDict({
       'every': 0,
-      'kind': 'lookahead',    # lookahead | linearized | cosine
+      'kind': 'lookahead',    # lookahead|linearized|representation|cosine
       'divide_by_lr': False,  # the official code's division by the lr
       'drop_last': 0,         # epochs left out of the final average
   })
@@ -126,8 +126,9 @@ FIELD_HELP = {
     'max_train_examples': 'use only this many training examples (0: all)',
     'select': 'validation metric for best-epoch selection',
     'affinity.every': "TAG: the affinity's period in steps (0: off)",
-    'affinity.kind': 'lookahead (TAG), linearized (its first order, no '
-                     'extra forward pass) or cosine (the CS baseline)',
+    'affinity.kind': 'lookahead (TAG), linearized (its first order), '
+                     'representation (from the gradients at Z alone) or '
+                     'cosine (the CS baseline)',
     'affinity.divide_by_lr': "divide the lookahead by the learning rate "
                              "(the official code's choice)",
     'affinity.drop_last': "epochs left out of final.json's average",

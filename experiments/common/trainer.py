@@ -179,6 +179,8 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
       if aff.kind == 'cosine':
         return mgda_jax.tag.cosine_affinity(grads, params,
                                             shared=experiment.shared)
+      if aff.kind == 'representation':
+        return mgda_jax.tag.representation_affinity(grads, losses)
       return mgda_jax.tag.lookahead_affinity(
           all_losses, params, x, labels, key, has_aux=True,
           optimizer=method.base, opt_state=method.base_state(opt_state),

@@ -1,4 +1,4 @@
-"""MultiMNIST on the shared framework (Sener & Koltun 2018, Table 2).
+"""MultiMNIST on the shared framework (Sener & Koltun 2018, Table 3).
 
 What this dataset adds to :mod:`experiments.common`: its task spec (two
 digits, accuracy and NLL), the data (:mod:`.input_pipeline`), the model

@@ -3,8 +3,10 @@
 1. Train all tasks in one network, recording the lookahead affinity every
    ``config.affinity.every`` steps (TAG), again with its first-order
    linearisation (``TAG-linearized``, no lookahead forward pass; with
-   ``config.tag.linearized``), and with the gradients' cosine (CS); a run
-   without any gives the plain training cost.
+   ``config.tag.linearized``), from the gradients at Z alone
+   (``TAG-representation``, :func:`mgda_jax.tag.representation_affinity`;
+   with ``config.tag.representation``), and with the gradients' cosine (CS);
+   a run without any gives the plain training cost.
 2. Train every task alone, and every pair (HOA's inputs, Standley et al.
    2020).
 3. For each budget ``b``: select groups from TAG's, CS's and HOA's affinity
@@ -29,7 +31,8 @@ import numpy as np
 from experiments.common import trainer
 from mgda_jax import tag
 
-METHODS = ('TAG', 'TAG-linearized', 'CS', 'HOA', 'random')
+METHODS = ('TAG', 'TAG-linearized', 'TAG-representation', 'CS', 'HOA',
+           'random')
 
 
 def network_config(config, tasks, **affinity):
@@ -113,6 +116,10 @@ def run_protocol(experiment: trainer.Experiment, config, workdir: str, *,
     with_lin = train(tasks, every=every, kind='linearized')
     affinity['TAG-linearized'] = np.asarray(with_lin['affinity'])
     stage_cost['TAG-linearized'] = with_lin['seconds']
+  if config.tag.get('representation', False):
+    with_rep = train(tasks, every=every, kind='representation')
+    affinity['TAG-representation'] = np.asarray(with_rep['affinity'])
+    stage_cost['TAG-representation'] = with_rep['seconds']
   if config.tag.pairs:
     # HOA reads validation figures (the test split only reports).
     pair = np.zeros((k, k))
@@ -242,8 +249,9 @@ def heatmap(report: dict, path: str, method: str = 'TAG') -> None:
   ax.set_yticks(range(len(names)), names)
   ax.set_xlabel('target task j (loss read)')
   ax.set_ylabel('source task i (step taken)')
-  ax.set_title(f'{method} inter-task affinity Z(i -> j), '
-               'diagonal omitted')
+  scale = ' (cells x1e3)' if method == 'TAG' else ''
+  ax.set_title(f'{method} inter-task affinity Z(i -> j){scale}, '
+               'diagonal omitted', fontsize=10)
   for i in range(len(names)):
     for j in range(len(names)):
       if i != j:

@@ -40,5 +40,6 @@ def get_config():
       'random_draws': 3,
       'pairs': True,
       'linearized': True,  # also TAG's first-order affinity
+      'representation': True,  # and the one from the gradients at Z
   })
   return c

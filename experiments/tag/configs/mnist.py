@@ -25,5 +25,6 @@ def get_config():
       'random_draws': 3,   # random groupings per budget
       'pairs': True,       # HOA: train every pair of tasks
       'linearized': True,  # also TAG's first-order affinity
+      'representation': True,  # and the one from the gradients at Z
   })
   return c

@@ -150,9 +150,9 @@ def lookahead_affinity(loss_fn: Callable[..., Any], params, *args,
       (``vmap``).
     unroll: one forward pass per task, unrolled in the program (the
       official code's structure). ``vmap`` over the parameters turns each
-      convolution into a grouped one, which XLA:CPU runs slowly: for a
-      MultiLeNet at K = 8 on CPU the K forward passes took 160 ms vmapped,
-      80 ms with ``batch_size=1`` and 36 ms unrolled (``BENCHMARKS.md``).
+      convolution into a grouped one, which XLA:CPU runs slowly: a
+      MultiLeNet training step with the affinity at K = 9 took 596 ms
+      vmapped and 450 ms unrolled on CPU (``BENCHMARKS.md``).
 
   Returns:
     An :class:`Affinity`. ``Z_{i->j}`` is NaN where ``L_j`` is not finite or
@@ -233,6 +233,44 @@ def lookahead_affinity(loss_fn: Callable[..., Any], params, *args,
     z = z / step_size
   return Affinity(affinity=z, losses=losses, lookahead_losses=after,
                   finite=jnp.all(jnp.isfinite(z)))
+
+
+def representation_affinity(grads, losses) -> jax.Array:
+  """TAG's affinity from the gradients at the shared representation alone.
+
+  MGDA-UB's trick applied to TAG: the first-order affinity is
+  ``Z_ij ~ -<grad_s L_j, u_i> / L_j``, and for plain SGD
+  ``<grad_s L_j, grad_s L_i> = <r_j, J J^T r_i>`` with ``r_t = dL_t/dZ`` and
+  ``J = dZ/dtheta_s``. Replacing ``J J^T`` by a multiple of the identity
+  (exact when the encoder's Jacobian has orthonormal rows) gives
+
+  .. math::
+
+    \tilde Z_{ij} = \frac{\langle r_i, r_j \rangle}{L_j} ,
+
+  the affinity up to the positive factor ``eta c``, from the Gram matrix at
+  Z that MGDA-UB computes anyway: no pullback, no forward pass. A clearly
+  approximate route, for the selection only (which a global positive scale
+  does not change). A momentum term ``mu <grad_s L_j, m>`` would add a
+  constant to column ``j``, the same for every source, which does not change
+  which multi-task group serves ``j`` best either.
+
+  Args:
+    grads: a :class:`mgda_jax.RepresentationGrads`, or per-task gradients
+      at Z (a pytree with a leading task axis).
+    losses: the ``(K,)`` losses.
+
+  Returns:
+    ``(K, K)``; NaN in the column of a loss that is not finite or not
+    positive, and wherever the gradients are not finite.
+  """
+  if isinstance(grads, inputs.RepresentationGrads):
+    grads = grads.rep_grads
+  g = gram_lib.gram_matrix(grads)
+  losses = jnp.asarray(losses)
+  valid = jnp.isfinite(losses) & (losses > 0)
+  z = g / jnp.where(valid, losses, 1.0)[None, :]
+  return jnp.where(valid[None, :] & jnp.isfinite(z), z, jnp.nan)
 
 
 def cosine_affinity(grads, params=None, shared=None) -> jax.Array:

@@ -84,6 +84,8 @@ def _check_affinity(affinity) -> np.ndarray:
     raise ValueError('the affinity has non-finite off-diagonal entries (e.g. '
                      f'[source, target] = {bad[0].tolist()}); a NaN means no '
                      'finite affinity was recorded there.')
+  a = a.copy()
+  np.fill_diagonal(a, 0.0)  # never read (a task's affinity onto itself)
   return a
 
 
