@@ -246,7 +246,7 @@ def representation_affinity(grads, losses) -> jax.Array:
 
   .. math::
 
-    \tilde Z_{ij} = \frac{\langle r_i, r_j \rangle}{L_j} ,
+    \\tilde Z_{ij} = \\frac{\\langle r_i, r_j \\rangle}{L_j} ,
 
   the affinity up to the positive factor ``eta c``, from the Gram matrix at
   Z that MGDA-UB computes anyway: no pullback, no forward pass. A clearly
