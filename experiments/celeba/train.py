@@ -10,14 +10,12 @@ evaluation metrics and batch KPIs, and the prior of
 
 from flax import nnx
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.celeba import input_pipeline
 from experiments.celeba import models
 from experiments.celeba.configs import default as default_config
 from experiments.common import tasks as tasks_lib
 from experiments.common import trainer
-import mgda_jax
 
 TASKS = tasks_lib.TaskSpec(
     names=input_pipeline.ATTRIBUTES,
@@ -54,11 +52,7 @@ def kpis(logits, labels):
 def method_args(config, data, tasks):
   """Each attribute's prior loss: the entropy of its label frequencies."""
   del config
-  labels = np.asarray(data.train[1])[:, list(tasks)]
-  counts = np.stack([np.bincount(labels[:, i], minlength=2)
-                     for i in range(labels.shape[1])])
-  return {'prior_loss_weighting': {
-      'priors': mgda_jax.classification_prior(counts)}}
+  return tasks_lib.classification_priors(data.train[1], tasks, 2)
 
 
 EXPERIMENT = trainer.Experiment(

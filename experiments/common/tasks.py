@@ -40,6 +40,17 @@ class TaskSpec(NamedTuple):
                      f'{[m.name for m in self.metrics]}')
 
 
+def classification_priors(train_labels, tasks, num_classes: int) -> dict:
+  """``method_args`` for ``prior_loss_weighting``: each classification
+  task's prior loss, the entropy of its training-label frequencies."""
+  import mgda_jax  # pylint: disable=import-outside-toplevel
+  labels = np.asarray(train_labels)[:, list(tasks)]
+  counts = np.stack([np.bincount(labels[:, i], minlength=num_classes)
+                     for i in range(labels.shape[1])])
+  return {'prior_loss_weighting': {
+      'priors': mgda_jax.classification_prior(counts)}}
+
+
 def delta_m(values: Sequence[float], baseline: Sequence[float],
             higher_is_better: Sequence[bool]) -> float:
   """Δm (%) of Navon et al. (2022): the mean relative drop against a baseline.

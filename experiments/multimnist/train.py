@@ -11,14 +11,12 @@ from typing import Any, Callable
 
 from flax import nnx
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.common import tasks as tasks_lib
 from experiments.common import trainer
 from experiments.multimnist import input_pipeline
 from experiments.multimnist import models
 from experiments.multimnist.configs import default as default_config
-import mgda_jax
 
 TASKS = tasks_lib.TaskSpec(
     names=('left', 'right'),
@@ -57,11 +55,7 @@ def method_args(config, data, tasks):
   """The prior loss of each digit: the entropy of its class frequencies in
   the training labels (log 10 for MultiMNIST's balanced digits)."""
   del config
-  labels = np.asarray(data.train[1])[:, list(tasks)]
-  counts = np.stack([np.bincount(labels[:, i], minlength=10)
-                     for i in range(labels.shape[1])])
-  return {'prior_loss_weighting': {
-      'priors': mgda_jax.classification_prior(counts)}}
+  return tasks_lib.classification_priors(data.train[1], tasks, 10)
 
 
 EXPERIMENT = trainer.Experiment(
