@@ -70,9 +70,6 @@ ARCHS = {
              (B, D), 2),
     'cross_stitch': (lambda r: mnn.CrossStitch([dense(D, H), dense(H, H)],
                                                heads(2), rngs=r), (B, D), 2),
-    'cross_stitch_channels': (lambda r: mnn.CrossStitch(
-        [dense(D, H), dense(H, H)], heads(2), rngs=r, channel_wise=True,
-        channels=[H, H]), (B, D), 2),
     'sluice': (lambda r: mnn.Sluice([dense(D, H), dense(H, H), dense(H, H)],
                                     heads(2), rngs=r), (B, D), 2),
     'mtan': (lambda r: mnn.MTAN(*mtan_parts(r), mtan_heads(2), rngs=r),
@@ -140,10 +137,16 @@ def computed(name):
   """
   model, fns, x, ys, k = setup(name)
   params, state = fns.params, fns.state
-  flat_p, unravel = ravel_pytree(params)
-  mask = fns.shared(params)
-  flat_mask = np.asarray(ravel_pytree(jax.tree.map(
-      lambda m, p: jnp.full(p.shape, float(m)), mask, params))[0]) > 0
+  leaves, treedef = jax.tree.flatten(params)
+  sizes = [int(np.prod(l.shape)) for l in leaves]
+  offsets = np.cumsum([0] + sizes)
+
+  def unravel(v):   # ravel_pytree's inverse, by hand (no eager op)
+    return treedef.unflatten([v[o:o + n].reshape(l.shape) for o, n, l in
+                              zip(offsets[:-1], sizes, leaves)])
+
+  flat_mask = np.concatenate([np.full(n, bool(m)) for n, m in zip(
+      sizes, jax.tree.leaves(fns.shared(params)))])
   rep = fns.representation
   tx_pt = mgda_jax.mgda(k, shared=fns.shared)
   tx_ub = mgda_jax.mgda_ub(k)
@@ -188,7 +191,7 @@ def computed(name):
     return res
 
   res = jax.tree.map(np.asarray, program(params))
-  return model, fns, k, flat_mask, unravel, res
+  return model, fns, k, flat_mask, (offsets, sizes), res
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -197,17 +200,17 @@ def test_decode_of_represent_is_the_model_and_shared_is_what_jacrev_says(
   """decode(represent(x)) == model(x); represent reads only the shared
   parameters and decode only task-specific ones; ``shared`` is exactly the
   set of parameters whose jax.jacrev rows are non-zero for >= 2 tasks."""
-  model, fns, k, mask, unravel, res = computed(name)
+  model, fns, k, mask, (offsets, sizes), res = computed(name)
   for a, b in zip(jax.tree.leaves(res['out']), jax.tree.leaves(res['again'])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   assert mask.any() and not mask.all()
   # Per leaf: how many tasks' losses it reaches. (A bias just before a
   # training-mode BatchNorm reaches none.)
-  jac = jax.vmap(unravel)(jnp.asarray(res['jac']))
-  leaf_mask = [bool(m) for m in jax.tree.leaves(fns.shared(fns.params))]
+  paths = [p for p, _ in leaves_with_paths(fns.params)]
   own = 0
-  for (path, g), shared in zip(leaves_with_paths(jac), leaf_mask):
-    g = np.asarray(g).reshape(k, -1)
+  for path, o, n in zip(paths, offsets, sizes):
+    g = res['jac'][:, o:o + n]
+    shared = bool(mask[o])
     reached = int(np.sum(np.max(np.abs(g), axis=1) > 1e-8))
     if shared:
       assert reached >= 2, (name, path, reached)
@@ -292,8 +295,7 @@ def test_parameter_counts_follow_the_papers():
   # Cross-stitch: K columns, a (K, K) unit per block ((K, K, C) per channel).
   cols = 2 * (LIN(D, H) + LIN(H, H))
   assert n_params(build('cross_stitch')[0]) == cols + 2 * 4 + 2 * head
-  assert n_params(build('cross_stitch_channels')[0]) == (
-      cols + 2 * 4 * H + 2 * head)
+  assert n_params(cross_stitch_channels()) == cols + 2 * 4 * H + 2 * head
   # Sluice: K columns, a (KM, KM) alpha per layer, a (L,) beta per task.
   assert n_params(build('sluice')[0]) == (
       2 * (LIN(D, H) + 2 * LIN(H, H)) + 3 * 4 ** 2 + 2 * 3 + 2 * head)
@@ -339,17 +341,34 @@ def copy_into(dst, src):
   nnx.update(dst, nnx.state(src, nnx.Param))
 
 
+def cross_stitch_channels():
+  return mnn.CrossStitch([dense(D, H), dense(H, H)], heads(2),
+                         rngs=nnx.Rngs(0), channel_wise=True, channels=[H, H])
+
+
 def test_cross_stitch_at_identity_is_independent_columns():
-  model, x, _ = build('cross_stitch')
-  for u in model.units:
-    u[...] = jnp.eye(2)
-  out = model(x)
-  for t in range(2):
-    h = x
-    for column in model.columns:
-      h = column[t](h)
-    np.testing.assert_allclose(out[t], model.decoders[t](h), rtol=1e-6,
-                               atol=1e-6)
+  x = build('cross_stitch')[1]
+  for model in (build('cross_stitch')[0], cross_stitch_channels()):
+    for u in model.units:
+      eye = jnp.eye(2) if u[...].ndim == 2 else jnp.eye(2)[:, :, None]
+      u[...] = jnp.broadcast_to(eye, u[...].shape)
+    out = model(x)
+    for t in range(2):
+      h = x
+      for column in model.columns:
+        h = column[t](h)
+      np.testing.assert_allclose(out[t], model.decoders[t](h), rtol=1e-6,
+                                 atol=1e-6)
+  # Channel-wise units mix each channel with its own weights.
+  model = cross_stitch_channels()
+  a = np.asarray(model.units[0][...]).copy()
+  a[0, 1, 0] = 0.5
+  model.units[0][...] = jnp.asarray(a)
+  h = jnp.stack([c(x) for c in model.columns[0]])
+  want = np.einsum('tsc,sbc->tbc', a, np.asarray(h))
+  from mgda_jax._src.nn import cross_stitch as cs
+  np.testing.assert_allclose(cs.stitch(jnp.asarray(a), h), want, rtol=1e-6,
+                             atol=1e-6)
 
 
 def hard_twin(encoder_factory, decoders_src):
@@ -557,7 +576,7 @@ def test_every_registered_method_steps_on_every_architecture(arch):
   out = per_task(pad(np.where(mask, g, 0.0), (k, NP)),
                  pad(np.where(mask, 0.0, g), (k, NP)), losses)
   for n, (params, count) in out.items():
-    flat = np.asarray(params['sh'] + params['own'])
+    flat = np.asarray(params['sh']) + np.asarray(params['own'])
     done.setdefault(n, []).append((flat, int(count)))
   if model.supports_representation:
     assert res['J'].shape[0] <= NZ
