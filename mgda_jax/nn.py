@@ -1,0 +1,47 @@
+"""Multi-task architectures in Flax NNX, ready for every gradient method.
+
+An optional namespace (it imports Flax; ``import mgda_jax`` does not). Each
+architecture wraps the user's encoder blocks and task decoders, returns one
+output per task, and declares its shared parameters
+(:meth:`MTLArchitecture.is_shared`, :meth:`MTLArchitecture.shared_mask`)
+and its representation ``Z`` (:meth:`MTLArchitecture.represent`,
+:meth:`MTLArchitecture.decode_task`). :func:`functional` turns one into the
+pure functions of :func:`mgda_jax.representation_grads` (MGDA-UB and every
+method that accepts representation gradients) and
+:func:`mgda_jax.per_task_grads` (full MGDA on the shared parameters), and
+:func:`task_gradients` runs either path.
+"""
+
+from mgda_jax._src.nn.base import MTLArchitecture
+from mgda_jax._src.nn.base import path_keys
+from mgda_jax._src.nn.cross_stitch import CrossStitch
+from mgda_jax._src.nn.cross_stitch import stitch_init
+from mgda_jax._src.nn.experts import CGC
+from mgda_jax._src.nn.experts import MMoE
+from mgda_jax._src.nn.experts import PLE
+from mgda_jax._src.nn.functional import Functional
+from mgda_jax._src.nn.functional import functional
+from mgda_jax._src.nn.functional import task_gradients
+from mgda_jax._src.nn.hard_sharing import HardSharing
+from mgda_jax._src.nn.mtan import MTAN
+from mgda_jax._src.nn.sluice import alpha_init
+from mgda_jax._src.nn.sluice import beta_init
+from mgda_jax._src.nn.sluice import Sluice
+
+__all__ = (
+    'alpha_init',
+    'beta_init',
+    'CGC',
+    'CrossStitch',
+    'Functional',
+    'functional',
+    'HardSharing',
+    'MMoE',
+    'MTAN',
+    'MTLArchitecture',
+    'path_keys',
+    'PLE',
+    'Sluice',
+    'stitch_init',
+    'task_gradients',
+)

@@ -1,0 +1,649 @@
+"""mgda_jax.nn: the architectures against their papers' formulas, their
+declared representation and shared parameters against jax.jacrev, and every
+registered method on every architecture."""
+
+import functools
+import inspect
+import subprocess
+import sys
+
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from qp_reference import enumerate_qp
+
+import mgda_jax
+
+nnx = pytest.importorskip('flax.nnx')
+mnn = pytest.importorskip('mgda_jax.nn')
+
+B, D, H = 6, 4, 6   # batch, input width, feature width
+
+
+def dense(i, o):
+  return lambda rngs: nnx.Sequential(nnx.Linear(i, o, rngs=rngs), nnx.tanh)
+
+
+def heads(k, width=H, out=1, seed=7):
+  r = nnx.Rngs(seed)
+  return [nnx.Linear(width, out, rngs=r) for _ in range(k)]
+
+
+def n_params(module):
+  return sum(int(np.prod(l.shape))
+             for l in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def conv(i, o, rngs, stride=1):
+  return nnx.Sequential(nnx.Conv(i, o, (3, 3), strides=stride, rngs=rngs),
+                        nnx.tanh)
+
+
+def mtan_parts(rngs):
+  stages = [(conv(3, 3, rngs), conv(3, 3, rngs)),
+            conv(3, 4, rngs, 2)]               # a one-module stage
+  return stages, [3, 4]
+
+
+def mtan_heads(k):
+  r = nnx.Rngs(7)
+  return [nnx.Conv(4, 2, (1, 1), rngs=r) for _ in range(k)]
+
+
+# name -> (builder(rngs) -> model, input shape, K)
+ARCHS = {
+    'hard_sharing': (lambda r: mnn.HardSharing(dense(D, H)(r), heads(2)),
+                     (B, D), 2),
+    'hard_sharing_dict': (lambda r: mnn.HardSharing(
+        dense(D, H)(r), dict(zip(('b', 'a'), heads(2)))), (B, D), 2),
+    'mmoe': (lambda r: mnn.MMoE(dense(D, H), 3, D, heads(2), rngs=r),
+             (B, D), 2),
+    'cgc': (lambda r: mnn.CGC(dense(D, H), 2, [2, 0], D, heads(2),
+                              rngs=r), (B, D), 2),
+    'ple2': (lambda r: mnn.PLE([dense(D, H), dense(H, H)], 1, 1, [D, H],
+                               heads(2), num_levels=2, rngs=r), (B, D), 2),
+    'ple3': (lambda r: mnn.PLE([dense(D, H), dense(H, H), dense(H, H)], 2, 1,
+                               [D, H, H], heads(2), num_levels=3, rngs=r),
+             (B, D), 2),
+    'cross_stitch': (lambda r: mnn.CrossStitch([dense(D, H), dense(H, H)],
+                                               heads(2), rngs=r), (B, D), 2),
+    'sluice': (lambda r: mnn.Sluice([dense(D, H), dense(H, H), dense(H, H)],
+                                    heads(2), rngs=r), (B, D), 2),
+    'mtan': (lambda r: mnn.MTAN(*mtan_parts(r), mtan_heads(2), rngs=r),
+             (1, 4, 4, 3), 2),
+    # MTAN over dense features (no spatial axes), with the official code's
+    # one extractor per stage for all tasks.
+    'mtan_shared_f': (lambda r: mnn.MTAN(
+        [(dense(D, H)(r), dense(H, H)(r)), dense(H, H)(r)], [H, H], heads(2),
+        rngs=r, share_extractor=True, norm='layer', spatial_dims=0),
+                      (B, D), 2),
+}
+NAMES = sorted(ARCHS)
+REP_NAMES = [n for n in NAMES if n != 'mtan_shared_f']
+
+
+@functools.lru_cache(maxsize=None)
+def _built(name, seed):
+  make, shape, k = ARCHS[name]
+  model = make(nnx.Rngs(seed))
+  x = jax.random.normal(jax.random.key(seed + 1), shape)
+  return model, x, k
+
+
+def build(name, seed=0):
+  """A fresh copy of architecture ``name`` (built once per process)."""
+  model, x, k = _built(name, seed)
+  return nnx.clone(model), x, k
+
+
+def targets(model, x, seed=3):
+  graphdef, state = nnx.split(model)
+  outs = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(x), state)
+  outs = list(outs.values()) if isinstance(outs, dict) else list(outs)
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.normal(size=o.shape), jnp.float32)
+               for o in outs)
+
+
+def loss_fn(outputs, ys):
+  outs = list(outputs.values()) if isinstance(outputs, dict) else outputs
+  return jnp.stack([jnp.mean((o - y) ** 2) for o, y in zip(outs, ys)])
+
+
+def setup(name, seed=0):
+  model, x, k = build(name, seed)
+  ys = targets(nnx.clone(model), x)
+  return model, mnn.functional(model, loss_fn), x, ys, k
+
+
+def leaves_with_paths(tree):
+  return [(mnn.path_keys(p), l) for p, l in
+          jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+# --------------------------------------------------------------------------
+# One compiled program per architecture computes everything the contract and
+# reference tests read (XLA compiles dominate this file's time on CPU).
+
+
+@functools.lru_cache(maxsize=None)
+def computed(name):
+  """Forward passes, jax.jacrev references, and MGDA / MGDA-UB steps.
+
+  Everything flat: ``flat_p`` is ``ravel_pytree(params)``, ``Z`` raveled too.
+  """
+  model, fns, x, ys, k = setup(name)
+  params, state = fns.params, fns.state
+  leaves, treedef = jax.tree.flatten(params)
+  sizes = [int(np.prod(l.shape)) for l in leaves]
+  offsets = np.cumsum([0] + sizes)
+
+  def unravel(v):   # ravel_pytree's inverse, by hand (no eager op)
+    return treedef.unflatten([v[o:o + n].reshape(l.shape) for o, n, l in
+                              zip(offsets[:-1], sizes, leaves)])
+
+  flat_mask = np.concatenate([np.full(n, bool(m)) for n, m in zip(
+      sizes, jax.tree.leaves(fns.shared(params)))])
+  rep = fns.representation
+  tx_pt = mgda_jax.mgda(k, shared=fns.shared)
+  tx_ub = mgda_jax.mgda_ub(k)
+  tx_uni = mgda_jax.uniform_weighting(k)
+
+  def merged(p):
+    return nnx.merge(fns.graphdef, p, state)
+
+  def losses_of(fp):
+    return loss_fn(merged(unravel(fp))(x), ys)
+
+  @jax.jit
+  def program(params):
+    res = {'out': merged(params)(x)}
+    m = merged(params)
+    res['again'] = m.decode(m.represent(x), x)
+    fp = ravel_pytree(params)[0]
+    res['jac'] = jax.jacrev(losses_of)(fp)                         # (K, P)
+    losses, grads, _, _ = mnn.task_gradients(fns, 'per_task', params, state,
+                                             x, ys)
+    d, s = tx_pt.update(grads, tx_pt.init(params), params, losses=losses)
+    res['mgda'] = (ravel_pytree(d)[0], s.weights)
+    if rep:
+      z0 = merged(params).represent(x)
+      zf0, unravel_z = ravel_pytree(z0)
+
+      def z_of(fp):
+        return ravel_pytree(merged(unravel(fp)).represent(x))[0]
+
+      def heads_of(fp, zf):
+        return loss_fn(merged(unravel(fp)).decode(unravel_z(zf), x), ys)
+
+      res['J'] = jax.jacrev(z_of)(fp)                              # (Z, P)
+      res['R'] = jax.jacrev(lambda zf: heads_of(fp, zf))(zf0)      # (K, Z)
+      res['Hg'] = jax.jacrev(lambda q: heads_of(q, zf0))(fp)       # (K, P)
+      losses, grads, _, _ = mnn.task_gradients(
+          fns, 'representation', params, state, x, ys)
+      d, s = tx_ub.update(grads, tx_ub.init(params), params, losses=losses)
+      res['mgda_ub'] = (ravel_pytree(d)[0], s.weights)
+      d, _ = tx_uni.update(grads, tx_uni.init(params), params, losses=losses)
+      res['uniform'] = ravel_pytree(d)[0]
+    return res
+
+  res = jax.tree.map(np.asarray, program(params))
+  return model, fns, k, flat_mask, (offsets, sizes), res
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_decode_of_represent_is_the_model_and_shared_is_what_jacrev_says(
+    name):
+  """decode(represent(x)) == model(x); represent reads only the shared
+  parameters and decode only task-specific ones; ``shared`` is exactly the
+  set of parameters whose jax.jacrev rows are non-zero for >= 2 tasks."""
+  model, fns, k, mask, (offsets, sizes), res = computed(name)
+  for a, b in zip(jax.tree.leaves(res['out']), jax.tree.leaves(res['again'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  assert mask.any() and not mask.all()
+  # Per leaf: how many tasks' losses it reaches. (A bias just before a
+  # training-mode BatchNorm reaches none.)
+  paths = [p for p, _ in leaves_with_paths(fns.params)]
+  own = 0
+  for path, o, n in zip(paths, offsets, sizes):
+    g = res['jac'][:, o:o + n]
+    shared = bool(mask[o])
+    reached = int(np.sum(np.max(np.abs(g), axis=1) > 1e-8))
+    if shared:
+      assert reached >= 2, (name, path, reached)
+    else:
+      assert reached <= 1, (name, path, reached)
+      own += reached
+  assert own >= k
+  if model.supports_representation:
+    assert not np.any(res['J'][:, ~mask]), name      # Z: shared only
+    assert not np.any(res['Hg'][:, mask]), name      # heads: task-specific
+    # The chain rule the bound rests on: task gradients = R J + heads.
+    np.testing.assert_allclose(res['jac'], res['R'] @ res['J'] + res['Hg'],
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', REP_NAMES)
+def test_mgda_ub_against_jacrev_and_an_exact_qp(name):
+  """The min-norm weights on the Gram of dL_t/dZ (jax.jacrev) meet the exact
+  QP's optimum; the update is J^T sum_t alpha_t r_t plus each head's own
+  gradient; a loss weighting gets the plain sum of the task gradients."""
+  _, _, k, _, _, res = computed(name)
+  r, jz, hg = res['R'].astype(np.float64), res['J'], res['Hg']
+  gram = r @ r.T
+  _, f_ref = enumerate_qp(gram)
+  direction, alpha = res['mgda_ub']
+  alpha = alpha.astype(np.float64)
+  assert abs(alpha.sum() - 1) < 1e-5 and np.all(alpha >= -1e-7)
+  assert alpha @ gram @ alpha <= (1 + 1e-4) * f_ref + 1e-10, name
+  expect = alpha @ r @ jz + hg.sum(0)
+  np.testing.assert_allclose(direction, expect, rtol=2e-4, atol=2e-6)
+  np.testing.assert_allclose(res['uniform'], res['jac'].sum(0), rtol=2e-4,
+                             atol=2e-6)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_full_mgda_against_jacrev_and_an_exact_qp(name):
+  """Full MGDA on the parameter gradients over the declared shared mask."""
+  _, _, k, mask, _, res = computed(name)
+  g = res['jac'].astype(np.float64)
+  gram = g[:, mask] @ g[:, mask].T
+  _, f_ref = enumerate_qp(gram)
+  direction, alpha = res['mgda']
+  alpha = alpha.astype(np.float64)
+  assert alpha @ gram @ alpha <= (1 + 1e-4) * f_ref + 1e-10, name
+  expect = np.where(mask, alpha @ g, g.sum(0))
+  np.testing.assert_allclose(direction, expect, rtol=2e-4, atol=2e-6)
+
+
+def test_outputs_are_a_tuple_or_a_dict_and_shapes():
+  model, x, _ = build('hard_sharing_dict')
+  out = model(x)
+  assert list(out) == ['b', 'a'] and out['a'].shape == (B, 1)
+  model, x, _ = build('mtan')
+  out = model(x)
+  assert isinstance(out, tuple) and [o.shape for o in out] == [(1, 2, 2, 2)] * 2
+  model, x, _ = build('cgc')
+  assert [o.shape for o in model(x)] == [(B, 1)] * 2
+
+
+# --------------------------------------------------------------------------
+# Parameter counts from each paper's formula.
+
+LIN = lambda i, o: i * o + o   # a dense layer with bias
+
+
+def test_parameter_counts_follow_the_papers():
+  head = LIN(H, 1)
+  assert n_params(build('hard_sharing')[0]) == LIN(D, H) + 2 * head
+  # MMoE: n experts, a gate W_g^t in R^{n x d} per task, towers.
+  assert n_params(build('mmoe')[0]) == 3 * LIN(D, H) + 2 * D * 3 + 2 * head
+  # CGC: m_s shared + sum_k m_k task experts; gate k: d x (m_k + m_s).
+  m = [2, 0]
+  assert n_params(build('cgc')[0]) == (
+      (2 + sum(m)) * LIN(D, H) + sum(D * (mk + 2) for mk in m) + 2 * head)
+  # PLE, 3 levels, m_s = 2, m_k = 1: per level experts and task gates, and a
+  # shared gate over all (sum_k m_k + m_s) experts below the last level.
+  e = [LIN(D, H), LIN(H, H), LIN(H, H)]
+  d = [D, H, H]
+  ple = sum((2 + 2) * e[l] + 2 * d[l] * (1 + 2) for l in range(3))
+  ple += sum(d[l] * (2 + 2) for l in range(2))
+  assert n_params(build('ple3')[0]) == ple + 2 * head
+  # Cross-stitch: K columns, a (K, K) unit per block ((K, K, C) per channel).
+  cols = 2 * (LIN(D, H) + LIN(H, H))
+  assert n_params(build('cross_stitch')[0]) == cols + 2 * 4 + 2 * head
+  assert n_params(cross_stitch_channels()) == cols + 2 * 4 * H + 2 * head
+  # Sluice: K columns, a (KM, KM) alpha per layer, a (L,) beta per task.
+  assert n_params(build('sluice')[0]) == (
+      2 * (LIN(D, H) + 2 * LIN(H, H)) + 3 * 4 ** 2 + 2 * 3 + 2 * head)
+  # MTAN: per task and stage g (1x1 conv, norm, 1x1 conv, norm) and, from the
+  # second stage, f (3x3 conv, norm); BatchNorm/LayerNorm: 2 per channel.
+  conv3 = lambda i, o: 9 * i * o + o
+  backbone = conv3(3, 3) + conv3(3, 3) + conv3(3, 4)
+  cu, cp = [3, 4], [3, 4]
+  g = sum(LIN(cu[j] * (1 if j == 0 else 2), cp[j]) + 2 * cp[j]
+          + LIN(cp[j], cp[j]) + 2 * cp[j] for j in range(2))
+  f = sum(conv3(cp[j - 1], cu[j]) + 2 * cu[j] for j in range(1, 2))
+  mtan_head = LIN(4, 2)
+  assert n_params(build('mtan')[0]) == backbone + 2 * (g + f) + 2 * mtan_head
+  # Dense MTAN (no spatial axes: the "convolutions" are dense layers), one
+  # extractor f per stage shared by the tasks.
+  g = (LIN(H, H) + 2 * H + LIN(H, H) + 2 * H
+       + LIN(2 * H, H) + 2 * H + LIN(H, H) + 2 * H)
+  f = LIN(H, H) + 2 * H
+  assert n_params(build('mtan_shared_f')[0]) == (
+      LIN(D, H) + 2 * LIN(H, H) + 2 * g + f + 2 * head)
+
+
+def test_initial_mixing_units():
+  a = mnn.stitch_init(3)
+  np.testing.assert_allclose(a, [[.9, .05, .05], [.05, .9, .05],
+                                 [.05, .05, .9]], rtol=1e-6)
+  s = mnn.alpha_init(2, 1)
+  np.testing.assert_allclose(s, [[.9, .1], [.1, .9]], rtol=1e-6)
+  s = mnn.alpha_init(2, 2)
+  np.testing.assert_allclose(s.sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(s[:2, :2], 0.45, rtol=1e-6)
+  np.testing.assert_allclose(s[:2, 2:], 0.05, rtol=1e-6)
+  np.testing.assert_allclose(mnn.beta_init(4), 0.25)
+  np.testing.assert_allclose(mnn.beta_init(3, 'imbalanced'), [.05, .05, .9],
+                             rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Special cases that reduce to a simpler architecture.
+
+
+def copy_into(dst, src):
+  nnx.update(dst, nnx.state(src, nnx.Param))
+
+
+def cross_stitch_channels():
+  return mnn.CrossStitch([dense(D, H), dense(H, H)], heads(2),
+                         rngs=nnx.Rngs(0), channel_wise=True, channels=[H, H])
+
+
+def test_cross_stitch_at_identity_is_independent_columns():
+  x = build('cross_stitch')[1]
+  for model in (build('cross_stitch')[0], cross_stitch_channels()):
+    for u in model.units:
+      eye = jnp.eye(2) if u[...].ndim == 2 else jnp.eye(2)[:, :, None]
+      u[...] = jnp.broadcast_to(eye, u[...].shape)
+    out = model(x)
+    for t in range(2):
+      h = x
+      for column in model.columns:
+        h = column[t](h)
+      np.testing.assert_allclose(out[t], model.decoders[t](h), rtol=1e-6,
+                                 atol=1e-6)
+  # Channel-wise units mix each channel with its own weights.
+  model = cross_stitch_channels()
+  a = np.asarray(model.units[0][...]).copy()
+  a[0, 1, 0] = 0.5
+  model.units[0][...] = jnp.asarray(a)
+  h = jnp.stack([c(x) for c in model.columns[0]])
+  want = np.einsum('tsc,sbc->tbc', a, np.asarray(h))
+  from mgda_jax._src.nn import cross_stitch as cs
+  np.testing.assert_allclose(cs.stitch(jnp.asarray(a), h), want, rtol=1e-6,
+                             atol=1e-6)
+
+
+def hard_twin(encoder_factory, decoders_src):
+  r = nnx.Rngs(99)
+  return mnn.HardSharing(encoder_factory(r), heads(len(decoders_src), seed=99))
+
+
+def test_mmoe_with_one_expert_and_cgc_with_one_shared_expert_are_hard_sharing():
+  x = jax.random.normal(jax.random.key(5), (B, D))
+  for model in (mnn.MMoE(dense(D, H), 1, D, heads(2), rngs=nnx.Rngs(1)),
+                mnn.CGC(dense(D, H), 1, 0, D, heads(2), rngs=nnx.Rngs(1))):
+    hard = hard_twin(dense(D, H), heads(2))
+    experts = (model.experts if isinstance(model, mnn.MMoE)
+               else model.shared_experts[0])
+    copy_into(hard.encoder, experts[0])
+    for t in range(2):
+      copy_into(hard.decoders[t], model.decoders[t])
+    for a, b in zip(model(x), hard(x)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('norm', [None, 'batch'])
+def test_mtan_with_all_ones_attention_is_hard_sharing(norm):
+  rngs = nnx.Rngs(0)
+  stages, channels = mtan_parts(rngs)
+  model = mnn.MTAN(stages, channels, mtan_heads(2), rngs=rngs, norm=norm)
+  for per_task in model.attention:
+    for g in per_task:   # sigmoid(30) == 1 in float32
+      if norm is None:
+        g.conv2.kernel[...] = jnp.zeros_like(g.conv2.kernel[...])
+        g.conv2.bias[...] = jnp.full_like(g.conv2.bias[...], 30.0)
+      else:
+        g.norm2.scale[...] = jnp.zeros_like(g.norm2.scale[...])
+        g.norm2.bias[...] = jnp.full_like(g.norm2.bias[...], 30.0)
+  x = jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
+
+  class Backbone(nnx.Module):
+    def __init__(self, stages):
+      self.stages = nnx.List([nnx.Sequential(*s) if isinstance(s, tuple)
+                              else s for s in stages])
+
+    def __call__(self, x):
+      for s in self.stages:
+        x = s(x)
+      return x
+
+  hard = mnn.HardSharing(Backbone(stages), model.decoders[0:2])
+  for a, b in zip(model(x), hard(x)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Direct evaluations of the papers' equations.
+
+
+def test_sluice_forward_and_orthogonality_penalty_against_numpy():
+  model, x, _ = build('sluice')
+  alphas = [np.asarray(a[...], np.float64) for a in model.alphas]
+  # Perturb alpha and beta away from their symmetric initial values.
+  rng = np.random.default_rng(0)
+  for a in model.alphas:
+    a[...] = a[...] + 0.1 * jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+  for b in model.betas:
+    b[...] = b[...] + 0.1 * jnp.asarray(rng.normal(size=b.shape), jnp.float32)
+  alphas = [np.asarray(a[...], np.float64) for a in model.alphas]
+  betas = [np.asarray(b[...], np.float64) for b in model.betas]
+  k, m = 2, 2
+  h = [np.asarray(x, np.float64)] * k
+  raw, mixed = [], []
+  for l, column in enumerate(model.columns):
+    outs = []
+    for t in range(k):
+      lin = column[t].layers[0]
+      outs.append(np.tanh(h[t] @ np.asarray(lin.kernel[...], np.float64)
+                          + np.asarray(lin.bias[...], np.float64)))
+    raw.append(outs)
+    d = outs[0].shape[-1] // m
+    sub = [outs[t][:, j * d:(j + 1) * d] for t in range(k) for j in range(m)]
+    new = [sum(alphas[l][i, jj] * sub[jj] for jj in range(k * m))
+           for i in range(k * m)]
+    h = [np.concatenate(new[t * m:(t + 1) * m], axis=-1) for t in range(k)]
+    mixed.append(h)
+  out = model(x)
+  for t in range(k):
+    feat = sum(betas[t][l] * mixed[l][t] for l in range(3))
+    dec = model.decoders[t]
+    ref = feat @ np.asarray(dec.kernel[...]) + np.asarray(dec.bias[...])
+    np.testing.assert_allclose(out[t], ref, rtol=1e-5, atol=1e-5)
+  penalty = sum(np.sum((g[:, :H // 2].T @ g[:, H // 2:]) ** 2)
+                for outs in raw for g in outs)
+  np.testing.assert_allclose(model.orthogonality_penalty(x), penalty,
+                             rtol=1e-5)
+
+
+def test_ple_against_the_papers_recursion():
+  model, x, _ = build('ple3')
+  sm = jax.nn.softmax
+
+  def mix(gate, h, experts):
+    w = sm(h.reshape(h.shape[0], -1) @ gate.kernel[...])
+    return sum(w[:, i:i + 1] * e for i, e in enumerate(experts))
+
+  g_tasks, g_shared = [x, x], x
+  for j in range(3):
+    s = [e(g_shared) for e in model.shared_experts[j]]
+    own = [[e(g_tasks[k]) for e in model.task_experts[j][k]] for k in range(2)]
+    new_tasks = [mix(model.task_gates[j][k], g_tasks[k], own[k] + s)
+                 for k in range(2)]
+    if j < 2:
+      g_shared = mix(model.shared_gates[j], g_shared, own[0] + own[1] + s)
+    g_tasks = new_tasks
+  for k, o in enumerate(model(x)):
+    np.testing.assert_allclose(o, model.decoders[k](g_tasks[k]), rtol=1e-5,
+                               atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Every registered method, one jitted step, on every architecture.
+
+
+def make(name, k, shared):
+  factory = mgda_jax.METHODS[name].factory
+  kw = {}
+  if name == 'prior_loss_weighting':
+    kw['priors'] = jnp.linspace(0.5, 2.0, k)
+  if 'shared' in inspect.signature(factory).parameters:
+    kw['shared'] = shared
+  return mgda_jax.make_method(name, k, **kw)
+
+
+def _pullback(jz, cot):
+  return {'p': cot @ jz}
+
+
+def _heads_pullback(r, hg, w):
+  return w @ r, {'p': w @ hg}
+
+
+NZ, NP = 512, 2048   # every architecture's Z and parameters, zero-padded
+
+
+@functools.lru_cache(maxsize=None)
+def every_method_steps(k):
+  """One compiled program per (K, input kind) running all registered
+  methods, fed each architecture's exact inputs in a fixed padded layout.
+
+  Compiling the 24 methods once per architecture would cost minutes on two
+  cores; the inputs here are the architecture's own linear maps (jax.jacrev
+  of its losses, its ``dZ/dtheta``, ``dL_t/dZ`` and head gradients, from
+  :func:`computed`), zero-padded, so every method sees what it would see on
+  that model, up to padding that changes no Gram entry and no update. The
+  engine's handling of the architectures' own pytrees is checked by the
+  MGDA, MGDA-UB and loss-weighting references above.
+  """
+  shared = {'sh': True, 'own': False}
+  txs = {n: optax.chain(make(n, k, shared if 'shared' in inspect.signature(
+      mgda_jax.METHODS[n].factory).parameters else None), optax.sgd(0.1))
+         for n in mgda_jax.METHODS}
+  kpis = jnp.full((k,), 0.5)
+
+  @jax.jit
+  def per_task(g_sh, g_own, losses):
+    params = {'sh': jnp.zeros(NP), 'own': jnp.zeros(NP)}
+    grads = {'sh': g_sh, 'own': g_own}
+    out = {}
+    for n, tx in txs.items():
+      if 'per_task' in mgda_jax.METHODS[n].inputs:
+        u, s = tx.update(grads, tx.init(params), params, losses=losses,
+                         kpis=kpis)
+        out[n] = (optax.apply_updates(params, u), s[0].count)
+    return out
+
+  @jax.jit
+  def representation(r, jz, hg, losses):
+    params = {'p': jnp.zeros(NP)}
+    grads = mgda_jax.RepresentationGrads(
+        r, jax.tree_util.Partial(_pullback, jz), {'p': hg.sum(0)},
+        jax.tree_util.Partial(_heads_pullback, r, hg))
+    out = {}
+    for n, tx in txs.items():
+      if 'representation' in mgda_jax.METHODS[n].inputs:
+        u, s = tx.update(grads, tx.init(params), params, losses=losses,
+                         kpis=kpis)
+        out[n] = (optax.apply_updates(params, u), s[0].count)
+    return out
+
+  return per_task, representation
+
+
+def pad(a, shape):
+  out = np.zeros(shape, np.float32)
+  out[tuple(slice(0, n) for n in a.shape)] = a
+  return jnp.asarray(out)
+
+
+@pytest.mark.parametrize('arch', NAMES)
+def test_every_registered_method_steps_on_every_architecture(arch):
+  model, fns, k, mask, _, res = computed(arch)
+  per_task, representation = every_method_steps(k)
+  g = res['jac']
+  p = g.shape[1]
+  assert p <= NP
+  losses = jnp.asarray(np.linspace(1.0, 2.0, k), jnp.float32)
+  done = {}
+  out = per_task(pad(np.where(mask, g, 0.0), (k, NP)),
+                 pad(np.where(mask, 0.0, g), (k, NP)), losses)
+  for n, (params, count) in out.items():
+    flat = np.asarray(params['sh']) + np.asarray(params['own'])
+    done.setdefault(n, []).append((flat, int(count)))
+  if model.supports_representation:
+    assert res['J'].shape[0] <= NZ
+    out = representation(pad(res['R'], (k, NZ)), pad(res['J'], (NZ, NP)),
+                         pad(res['Hg'], (k, NP)), losses)
+    for n, (params, count) in out.items():
+      done.setdefault(n, []).append((np.asarray(params['p']), int(count)))
+  else:
+    with pytest.raises(ValueError, match='per_task'):
+      mnn.task_gradients(fns, 'representation', fns.params, fns.state,
+                         jnp.zeros(ARCHS[arch][1]), targets(model, jnp.zeros(
+                             ARCHS[arch][1])))
+  expected = {n for n, s in mgda_jax.METHODS.items()
+              if 'per_task' in s.inputs or model.supports_representation}
+  assert set(done) == expected, set(mgda_jax.METHODS) ^ set(done)
+  for n, runs in done.items():
+    for flat, count in runs:
+      assert count == 1, (arch, n)
+      assert np.all(np.isfinite(flat)), (arch, n)
+      assert np.any(flat[:p] != 0) and not np.any(flat[p:]), (arch, n)
+
+
+# --------------------------------------------------------------------------
+# State, errors, and the optional import.
+
+
+def test_batchnorm_statistics_update_once_on_both_paths():
+  model, fns, x, ys, _ = setup('mtan')
+  ref = nnx.clone(model)
+  ref(x)                                    # one forward in training mode
+  want = nnx.as_pure(nnx.state(ref, nnx.BatchStat))
+  for kind in ('representation', 'per_task'):
+    new_state = jax.jit(lambda p, s, kind=kind: mnn.task_gradients(
+        fns, kind, p, s, x, ys)[2])(fns.params, fns.state)
+    m = nnx.merge(fns.graphdef, fns.params, new_state)
+    got = nnx.as_pure(nnx.state(m, nnx.BatchStat))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Not the initial statistics: something was updated.
+    assert any(bool(jnp.any(a != b)) for a, b in zip(
+        jax.tree.leaves(got), jax.tree.leaves(nnx.as_pure(
+            nnx.state(model, nnx.BatchStat)))))
+
+
+def test_clear_errors():
+  _, fns, x, ys, _ = setup('mtan_shared_f')
+  with pytest.raises(ValueError, match='per_task'):
+    mnn.task_gradients(fns, 'representation', fns.params, fns.state, x, ys)
+  with pytest.raises(ValueError, match="'representation' or 'per_task'"):
+    mnn.task_gradients(fns, 'heads', fns.params, fns.state, x, ys)
+  with pytest.raises(ValueError, match='HardSharing'):
+    mnn.functional(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), loss_fn)
+  with pytest.raises(ValueError, match='at least one task'):
+    mnn.HardSharing(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), [])
+  with pytest.raises(ValueError, match='shared expert'):
+    mnn.CGC(dense(D, H), 0, 0, D, heads(2), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='divisible'):
+    mnn.Sluice([dense(D, 5)], heads(2, 5), rngs=nnx.Rngs(0))(
+        jnp.ones((2, D)))
+  _, fns, x, ys, _ = setup('hard_sharing')
+  with pytest.raises(ValueError, match='leading task axis'):
+    mgda_jax.representation_grads(fns.encode, fns.task_losses, fns.params,
+                                  fns.state, x, ys, has_aux=True,
+                                  encoder_has_aux=True)
+
+
+def test_import_mgda_jax_does_not_import_flax():
+  code = ('import sys, mgda_jax; assert "flax" not in sys.modules; '
+          'import mgda_jax.nn; assert "flax" in sys.modules')
+  subprocess.run([sys.executable, '-c', code], check=True)
