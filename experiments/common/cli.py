@@ -53,8 +53,13 @@ def make_flags(default_config_path: str, default_config,
 
 
 def run(experiment: trainer.Experiment, default_config_path: str,
-        argv=None) -> dict:
-  """Parses ``argv`` (default ``sys.argv``) and trains one method."""
+        argv=None, choose=None) -> dict:
+  """Parses ``argv`` (default ``sys.argv``) and trains one method.
+
+  ``choose``: ``config -> Experiment``, where the config decides the
+  experiment (Cityscapes' on-disk layout decides its tasks); ``experiment``
+  then gives the help text.
+  """
   argv = list(sys.argv if argv is None else argv)
   FLAGS = make_flags(default_config_path, experiment.default_config(), argv)  # pylint: disable=invalid-name
   if any(a in ('--help', '-h', '--helpfull', '-?') for a in argv[1:]):
@@ -67,6 +72,8 @@ def run(experiment: trainer.Experiment, default_config_path: str,
     sys.exit(f'error: {e}\nTry --help.')
   config = FLAGS.config
   try:
+    if choose is not None:
+      experiment = choose(config)
     config_lib.validate(config, experiment.tasks.names,
                         [m.name for m in experiment.tasks.metrics],
                         experiment.default_config())

@@ -35,7 +35,10 @@ NOT_CONFIG = ('num_tasks', 'axis_name', 'shared', 'key', 'priors',
 # same data is read from (its content is fingerprinted by the pipeline).
 RESUMABLE_CHANGES = ('epochs', 'data.mnist_dir', 'data.tfds_data_dir',
                      'data.download_dir', 'data.mirrors', 'data.download',
-                     'data.celeba_dir')
+                     'data.celeba_dir', 'data.cityscapes_dir')
+# Fields added after runs were recorded: a saved config without one is the
+# same config when the new value is this default.
+ADDED_FIELDS = {'optimizer.decay_every': 0, 'optimizer.decay_factor': 1.0}
 OPTIMIZERS = ('sgd', 'adam')
 AFFINITY_KINDS = ('lookahead', 'linearized', 'representation', 'cosine')
 
@@ -74,8 +77,11 @@ def base_config() -> config_dict.ConfigDict:
   c.eval_batch_size = 1000
   c.seed = 0         # model initialisation, shuffling, dropout, method draws
   c.data_seed = 0    # the dataset's own seeded construction and splits
+  # decay_every > 0: the learning rate times decay_factor every that many
+  # epochs (a staircase).
   c.optimizer = config_dict.ConfigDict(
-      {'name': 'sgd', 'learning_rate': 0.05, 'momentum': 0.9})
+      {'name': 'sgd', 'learning_rate': 0.05, 'momentum': 0.9,
+       'decay_every': 0, 'decay_factor': 1.0})
   # Skip (do not apply) a step whose update is not finite; after this many
   # in a row the NaN goes through and the run shows it.
   c.max_consecutive_nonfinite = 100
@@ -118,6 +124,9 @@ FIELD_HELP = {
     'optimizer.name': 'sgd (with momentum) or adam',
     'optimizer.learning_rate': 'learning rate',
     'optimizer.momentum': 'SGD momentum (ignored by adam: must stay default)',
+    'optimizer.decay_every': 'multiply the learning rate by decay_factor '
+                             'every this many epochs (0: constant)',
+    'optimizer.decay_factor': 'the step decay factor, in (0, 1]',
     'max_consecutive_nonfinite': 'non-finite steps skipped in a row before '
                                  'the NaN goes through',
     'chunk': 'steps per compiled call (0: 1 on CPU, 15 elsewhere)',
@@ -144,6 +153,22 @@ FIELD_HELP = {
                        'choice; else TFDS celeb_a)',
     'model': 'the network: resnet18 (the paper) or tag (the TAG code\'s '
              'one-block trunk)',
+    'data.cityscapes_dir': 'a folder of Cityscapes: the official files or '
+                           "MTAN's preprocessed .npy arrays",
+    'data.layout': 'official (3 tasks) or preprocessed (.npy, 2 tasks)',
+    'data.height': 'image height after resizing',
+    'data.width': 'image width after resizing',
+    'data.num_classes': 'semantic classes (19 official; 7 or 19 .npy)',
+    'data.max_images': 'use at most this many images per split (0: all)',
+    'data.sizes': 'train, validation and test scenes',
+    'data.max_digits': 'at most this many digits per scene (2 at least)',
+    'data.min_size': 'smallest digit, in pixels (square)',
+    'data.max_size': 'largest digit, in pixels (square)',
+    'model.encoder': 'resnet50 (dilated, the paper) or small (CPU runs)',
+    'model.in_channels': 'image channels',
+    'model.width': "the small encoder's width",
+    'model.decoder_width': "each pyramid decoder's 3x3 convolution width",
+    'model.bins': 'the pyramid pooling bins',
 }
 
 
@@ -216,6 +241,11 @@ def validate(c: config_dict.ConfigDict, task_names: Sequence[str],
   if not c.optimizer.learning_rate > 0:
     raise ValueError('config.optimizer.learning_rate must be > 0; got '
                      f'{c.optimizer.learning_rate}')
+  if c.optimizer.decay_every < 0 or not 0 < c.optimizer.decay_factor <= 1:
+    raise ValueError('config.optimizer.decay_every must be >= 0 and '
+                     'config.optimizer.decay_factor in (0, 1]; got '
+                     f'{c.optimizer.decay_every} and '
+                     f'{c.optimizer.decay_factor}')
   if c.optimizer.name == 'adam' and c.optimizer.momentum != 0.9:
     raise ValueError('config.optimizer.momentum applies to sgd only; got '
                      f'{c.optimizer.momentum} with adam.')
@@ -266,6 +296,9 @@ def check_resume(workdir: str, c: config_dict.ConfigDict, *,
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
+    for k, default in ADDED_FIELDS.items():
+      if k not in old and new.get(k) == default:
+        old[k] = default
     diff = {k: (old.get(k, '<absent>'), new.get(k, '<absent>'))
             for k in sorted(set(old) | set(new))
             if old.get(k, '<absent>') != new.get(k, '<absent>')}

@@ -33,17 +33,32 @@ class Method(NamedTuple):
   base_state: Callable[[Any], Any]
 
 
-def base_optimizer(c: config_dict.ConfigDict) -> optax.GradientTransformation:
+def learning_rate(c: config_dict.ConfigDict, steps_per_epoch: int = 1):
+  """The learning rate, or its step decay: ``lr * decay_factor **
+  floor(epoch / decay_every)`` (e.g. the paper's Cityscapes schedule, x0.85
+  every 10 epochs)."""
+  o = c.optimizer
+  if not o.decay_every:
+    return o.learning_rate
+  return optax.exponential_decay(
+      o.learning_rate, transition_steps=o.decay_every * steps_per_epoch,
+      decay_rate=o.decay_factor, staircase=True)
+
+
+def base_optimizer(c: config_dict.ConfigDict, steps_per_epoch: int = 1
+                   ) -> optax.GradientTransformation:
   """``config.optimizer``: SGD with momentum, or Adam."""
   o = c.optimizer
+  lr = learning_rate(c, steps_per_epoch)
   if o.name == 'sgd':
-    return optax.sgd(o.learning_rate, momentum=o.momentum)
-  return optax.adam(o.learning_rate)
+    return optax.sgd(lr, momentum=o.momentum)
+  return optax.adam(lr)
 
 
-def optimizer(c: config_dict.ConfigDict) -> optax.GradientTransformation:
+def optimizer(c: config_dict.ConfigDict, steps_per_epoch: int = 1
+              ) -> optax.GradientTransformation:
   """The base optimizer, skipping non-finite steps (``apply_if_finite``)."""
-  return optax.apply_if_finite(base_optimizer(c),
+  return optax.apply_if_finite(base_optimizer(c, steps_per_epoch),
                                max_consecutive_errors=c.max_consecutive_nonfinite)
 
 
@@ -89,5 +104,5 @@ def build(c: config_dict.ConfigDict, num_tasks: int, *, steps_per_epoch: int,
   def base_state(state):
     return state[1].inner_state  # chain(method, apply_if_finite(base))
 
-  return Method(optax.chain(tx, optimizer(c)), grad_kind, diagnostics,
-                base_optimizer(c), base_state)
+  return Method(optax.chain(tx, optimizer(c, steps_per_epoch)), grad_kind,
+                diagnostics, base_optimizer(c, steps_per_epoch), base_state)

@@ -84,7 +84,7 @@ def write_plots(spec: tasks_lib.TaskSpec, results, runs_dir, methods, seeds,
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   metric = spec.metric(spec.table_metric)
-  scale = 100 if metric.higher_is_better else 1
+  scale = np.where(metric.directions(len(spec.names)), 100, 1)
   palette = (list(plt.get_cmap('tab20').colors) +
              list(plt.get_cmap('tab20b').colors))
   k = len(spec.names)
@@ -140,7 +140,10 @@ def table(spec: tasks_lib.TaskSpec, results, methods, seeds,
   """Markdown rows: the table metric per task (mean ± std), Δm, the paper's
   figures and seconds per epoch."""
   metric = spec.metric(spec.table_metric)
-  scale = 100 if metric.higher_is_better else 1
+  directions = metric.directions(len(spec.names))
+  # Percentages for higher-is-better metrics (accuracy, mIoU), as papers
+  # report them; errors in their own units.
+  scale = np.where(directions, 100, 1)
   cols = ' | '.join(f'{n} (ours)' for n in spec.names)
   pcols = ' | '.join(f'{n} (paper)' for n in spec.names)
   lines = [f'| method | family | {cols} | Δm (%) ↓ | {pcols} | s / epoch |',
@@ -155,7 +158,7 @@ def table(spec: tasks_lib.TaskSpec, results, methods, seeds,
   for method in methods:
     v = values(method)
     dm = ('–' if base is None else
-          f'{tasks_lib.delta_m(v.mean(0), base, [metric.higher_is_better] * len(spec.names)):+.2f}')
+          f'{tasks_lib.delta_m(v.mean(0), base, directions):+.2f}')
     p = paper.get(method)
     pvals = (' | '.join(f'{x:.2f}' for x in p) if p else
              ' | '.join('–' for _ in spec.names))

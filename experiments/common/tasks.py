@@ -10,13 +10,32 @@ class Metric(NamedTuple):
 
   Attributes:
     name: the key in the records (``val_<name>``, ``test_<name>``).
-    higher_is_better: its direction (accuracy: True; a loss or error: False).
+    higher_is_better: its direction (accuracy: True; a loss or error:
+      False), or one per task of the spec where tasks differ (a dense
+      experiment's 'score': mIoU, higher, for segmentation; an L1 error,
+      lower, for depth).
     label: a display name for tables.
   """
 
   name: str
-  higher_is_better: bool
+  higher_is_better: bool | tuple[bool, ...]
   label: str = ''
+
+  def directions(self, num_tasks: int) -> tuple[bool, ...]:
+    """``higher_is_better`` per task (of the spec's ``num_tasks``)."""
+    h = self.higher_is_better
+    if isinstance(h, bool):
+      return (h,) * num_tasks
+    if len(h) != num_tasks:
+      raise ValueError(f'metric {self.name!r} has {len(h)} directions for '
+                       f'{num_tasks} tasks')
+    return tuple(h)
+
+  @property
+  def uniform(self) -> bool:
+    """Whether every task has the same direction."""
+    h = self.higher_is_better
+    return isinstance(h, bool) or len(set(h)) <= 1
 
 
 class TaskSpec(NamedTuple):
@@ -87,10 +106,17 @@ def delta_m(values: Sequence[float], baseline: Sequence[float],
 def select_best(records: list[dict], metric: Metric) -> dict:
   """The record whose mean validation ``metric`` over tasks is best.
 
+  Tasks where the metric does not apply (null) are left out of the mean.
   Ties go to the earliest epoch.
   """
   if not records:
     raise ValueError('no finished epoch to select from')
-  sign = 1.0 if metric.higher_is_better else -1.0
-  return max(records, key=lambda r: (sign * np.mean(r[f'val_{metric.name}']),
-                                     -r['epoch']))
+  if not metric.uniform:
+    raise ValueError(f'metric {metric.name!r} has different directions per '
+                     'task, so its mean over tasks cannot select an epoch; '
+                     'select by a metric with one direction (e.g. loss)')
+  h = metric.higher_is_better
+  sign = 1.0 if (h if isinstance(h, bool) else h[0]) else -1.0
+  return max(records, key=lambda r: (
+      sign * np.nanmean(np.asarray(r[f'val_{metric.name}'], float)),
+      -r['epoch']))

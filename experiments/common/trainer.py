@@ -25,7 +25,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 from flax import nnx
 import jax
@@ -45,7 +45,9 @@ import mgda_jax
 class Splits(NamedTuple):
   """The data: each split an ``(inputs, labels)`` pair of host arrays.
 
-  ``labels`` has one column per task of the spec: ``(N, K, ...)``.
+  ``labels`` has one column per task of the spec, ``(N, K, ...)``, or is
+  any pytree of arrays with a leading ``N`` (dense tasks: a dict keyed by
+  task name), with the experiment's ``select_labels``.
   """
 
   train: tuple[np.ndarray, np.ndarray]
@@ -69,8 +71,9 @@ class Experiment:
       ``encode(params, x, labels, key) -> Z`` and ``task_losses(params, z,
       x, labels, key) -> (losses (K,), outputs)``; with a per-task ``Z``
       (``(K, ...)``) head ``t`` must read only ``Z[t]``.
-    eval_metrics: ``(graphdef, params, x, labels) -> {metric: (K,) sums
-      over the batch}``, in evaluation mode; each metric of the spec.
+    eval_metrics: ``(graphdef, params, x, labels) -> {name: sums over the
+      batch}``, in evaluation mode: each metric of the spec as a ``(K,)``
+      sum, or any accumulators ``reduce_metrics`` turns into them.
     kpis: ``(outputs, labels) -> (K,)`` batch KPIs in ``[0, 1]`` (DTP's).
     method_args: ``(config, splits, tasks) -> {method: {arg: value}}``,
       dataset-specific arguments (e.g. ``prior_loss_weighting``'s
@@ -85,6 +88,14 @@ class Experiment:
       ``model_state`` as a fifth argument. The state is checkpointed with
       the parameters; TAG's lookahead reads batch statistics, as the
       official code does.
+    select_labels: ``(labels, tasks) -> labels`` of the trained tasks
+      (indices into the spec), on host arrays; the default takes the columns
+      ``labels[:, tasks]``.
+    reduce_metrics: ``(sums, n, names) -> {metric: (K,)}``, the split's
+      metrics from ``eval_metrics``' accumulators summed over all ``n``
+      examples, for the trained tasks ``names`` (e.g. mIoU from summed
+      intersections and unions); the default divides each sum by ``n``. A metric that does not apply to a task is NaN there
+      (null in the records).
   """
 
   name: str
@@ -100,6 +111,10 @@ class Experiment:
       jax.tree_util.tree_map_with_path(
           lambda path, _: path[0].key == 'encoder', params))
   stateful: bool = False
+  select_labels: Callable[[Any, Sequence[int]], Any] = (
+      lambda labels, tasks: np.asarray(labels)[:, list(tasks)])
+  reduce_metrics: Callable[[dict, int, Sequence[str]], dict] = (
+      lambda sums, n, names: {k: v / n for k, v in sums.items()})
 
 
 def split_model(experiment: Experiment, model):
@@ -164,9 +179,10 @@ def affinity_tracker(config):
 
 
 def make_functions(experiment: Experiment, config, fns, method, num_tasks,
-                   sharding=None):
+                   sharding=None, names=None):
   """The jitted chunk of training steps and the evaluation function."""
   graphdef, encode_with_state, task_losses, eval_metrics = fns
+  names = tuple(experiment.tasks.names[:num_tasks]) if names is None else names
   tx = method.tx
   tracker = affinity_tracker(config)
   aff = config.affinity
@@ -247,15 +263,19 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
     ``mode='cond'``.
     """
     if batch_idx.shape[0] == 1:
+      idx = batch_idx[0]
       *carry, metrics = train_step(
-          params, model_state, opt_state, track, inputs[batch_idx[0]],
-          labels[batch_idx[0]], jax.random.fold_in(key, step0), mode)
+          params, model_state, opt_state, track, inputs[idx],
+          jax.tree.map(lambda l: l[idx], labels),
+          jax.random.fold_in(key, step0), mode)
       return (*carry, jax.tree.map(lambda m: m[None], metrics))
 
     def body(carry, xs):
       idx, i = xs
       k = jax.random.fold_in(key, step0 + i)
-      *carry, metrics = train_step(*carry, inputs[idx], labels[idx], k, mode)
+      *carry, metrics = train_step(*carry, inputs[idx],
+                                   jax.tree.map(lambda l: l[idx], labels), k,
+                                   mode)
       return tuple(carry), metrics
 
     steps = jnp.arange(batch_idx.shape[0])
@@ -275,10 +295,13 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
       x, y = xs
       return None, eval_metrics(graphdef, params, x, y, model_state)
 
-    xs = (inputs[:nb * b].reshape(nb, b, *inputs.shape[1:]),
-          labels[:nb * b].reshape(nb, b, *labels.shape[1:]))
+    def batched(a):
+      return a[:nb * b].reshape(nb, b, *a.shape[1:])
+
+    xs = (batched(inputs), jax.tree.map(batched, labels))
     _, sums = jax.lax.scan(body, None, xs)
-    return {k: jnp.sum(v, 0) / (nb * b) for k, v in sums.items()}
+    return experiment.reduce_metrics(
+        {k: jnp.sum(v, 0) for k, v in sums.items()}, nb * b, names)
 
   return train_chunk, evaluate
 
@@ -324,6 +347,10 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   spec = experiment.tasks
   config_lib.validate(config, spec.names, [m.name for m in spec.metrics],
                       experiment.default_config())
+  if not spec.metric(config.select).uniform:
+    raise ValueError(f'config.select={config.select!r} has a direction per '
+                     'task; select by a metric with one direction (e.g. '
+                     'loss)')
   tasks = config_lib.task_indices(config, len(spec.names))
   if config.method == 'single_task' and len(tasks) > 1:
     return _single_task(experiment, config, workdir, data, force, log)
@@ -337,11 +364,12 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   train_x, train_y = data.train
   if config.max_train_examples:
     train_x = train_x[:config.max_train_examples]
-    train_y = train_y[:config.max_train_examples]
+    train_y = jax.tree.map(lambda l: l[:config.max_train_examples], train_y)
   images = jnp.asarray(train_x)
-  labels = jnp.asarray(np.asarray(train_y)[:, list(tasks)])
+  labels = jax.tree.map(jnp.asarray, experiment.select_labels(train_y, tasks))
   splits = {s: (jnp.asarray(getattr(data, s)[0]),
-                jnp.asarray(np.asarray(getattr(data, s)[1])[:, list(tasks)]))
+                jax.tree.map(jnp.asarray, experiment.select_labels(
+                    getattr(data, s)[1], tasks)))
             for s in ('val', 'test')}
   n_batches = images.shape[0] // config.batch_size
   if n_batches == 0:
@@ -363,8 +391,7 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   sharding = batch_sharding(config, log)
   train_chunk, evaluate = make_functions(
       experiment, config, (graphdef, encode, task_losses, eval_metrics),
-      method, num_tasks,
-      sharding)
+      method, num_tasks, sharding, names)
 
   tracker = affinity_tracker(config)
   state = {'params': params, 'opt_state': opt_state,
@@ -443,7 +470,9 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
       record['affinity_skipped'] = int(track.skipped)
     for split, (x, y) in splits.items():
       for name, value in evaluate(params, model_state, x, y).items():
-        record[f'{split}_{name}'] = np.asarray(value).tolist()
+        # null where a metric does not apply to a task: JSON has no NaN.
+        record[f'{split}_{name}'] = [None if np.isnan(v) else v for v in
+                                     np.asarray(value, float).tolist()]
     logger.write(record, names)
     shown = spec.table_metric
     log('  ' + ', '.join(
