@@ -163,8 +163,9 @@ def table(spec: tasks_lib.TaskSpec, results, methods, seeds,
     pvals = (' | '.join(f'{x:.2f}' for x in p) if p else
              ' | '.join('–' for _ in spec.names))
     sec = np.median([results[(method, s)]['seconds_per_epoch'] for s in seeds])
-    ours = ' | '.join(f'{m:.2f} ± {s:.2f}' for m, s in
-                      zip(v.mean(0), v.std(0)))
+    # Two decimals for percentages, three for errors in their own units.
+    ours = ' | '.join(f'{m:.2f} ± {s:.2f}' if pct else f'{m:.3f} ± {s:.3f}'
+                      for m, s, pct in zip(v.mean(0), v.std(0), directions))
     lines.append(f'| {labels.get(method, method)} | {family(method)} | {ours} '
                  f'| {dm} | {pvals} | {sec:.1f} |')
   return lines
