@@ -94,8 +94,9 @@ class Experiment:
     reduce_metrics: ``(sums, n, names) -> {metric: (K,)}``, the split's
       metrics from ``eval_metrics``' accumulators summed over all ``n``
       examples, for the trained tasks ``names`` (e.g. mIoU from summed
-      intersections and unions); the default divides each sum by ``n``. A metric that does not apply to a task is NaN there
-      (null in the records).
+      intersections and unions); the default divides each sum by ``n``.
+      A metric that does not apply to a task is NaN there (null in the
+      records).
   """
 
   name: str
