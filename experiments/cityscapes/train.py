@@ -20,6 +20,8 @@ from flax import nnx
 from experiments.cityscapes import dense
 from experiments.cityscapes import input_pipeline
 from experiments.cityscapes import models
+from experiments.cityscapes.configs import default as default_config
+from experiments.cityscapes.configs import preprocessed as preprocessed_config
 from experiments.common import trainer
 
 
@@ -102,17 +104,10 @@ OFFICIAL_TASKS = input_pipeline.OFFICIAL_TASKS
 PREPROCESSED_TASKS = input_pipeline.PREPROCESSED_TASKS
 
 
-def _default(layout):
-  def get():
-    from experiments.cityscapes.configs import default, preprocessed  # pylint: disable=g-import-not-at-top
-    return (default if layout == 'official' else preprocessed).get_config()
-  return get
-
-
-OFFICIAL = make_experiment('cityscapes', OFFICIAL_TASKS, _default('official'),
-                           load_data)
+OFFICIAL = make_experiment('cityscapes', OFFICIAL_TASKS,
+                           default_config.get_config, load_data)
 PREPROCESSED = make_experiment('cityscapes', PREPROCESSED_TASKS,
-                               _default('preprocessed'), load_data)
+                               preprocessed_config.get_config, load_data)
 
 
 def experiment_for(config) -> trainer.Experiment:
