@@ -23,6 +23,13 @@ from mgda_jax._src.nn.functional import Functional
 from mgda_jax._src.nn.functional import functional
 from mgda_jax._src.nn.functional import task_gradients
 from mgda_jax._src.nn.hard_sharing import HardSharing
+from mgda_jax._src.nn.mrn import MRN
+from mgda_jax._src.nn.mrn import tensor_normal_cost
+from mgda_jax._src.nn.mrn import tensor_normal_init
+from mgda_jax._src.nn.mrn import tensor_normal_penalty
+from mgda_jax._src.nn.mrn import tensor_normal_prior
+from mgda_jax._src.nn.mrn import tensor_normal_update
+from mgda_jax._src.nn.mrn import TensorNormalPriorState
 from mgda_jax._src.nn.mtan import MTAN
 from mgda_jax._src.nn.sluice import alpha_init
 from mgda_jax._src.nn.sluice import beta_init
@@ -37,6 +44,7 @@ __all__ = (
     'functional',
     'HardSharing',
     'MMoE',
+    'MRN',
     'MTAN',
     'MTLArchitecture',
     'path_keys',
@@ -44,4 +52,10 @@ __all__ = (
     'Sluice',
     'stitch_init',
     'task_gradients',
+    'tensor_normal_cost',
+    'tensor_normal_init',
+    'tensor_normal_penalty',
+    'tensor_normal_prior',
+    'tensor_normal_update',
+    'TensorNormalPriorState',
 )

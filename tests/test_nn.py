@@ -68,6 +68,7 @@ ARCHS = {
     'ple3': (lambda r: mnn.PLE([dense(D, H), dense(H, H), dense(H, H)], 2, 1,
                                [D, H, H], heads(2), num_levels=3, rngs=r),
              (B, D), 2),
+    'mrn': (lambda r: mnn.MRN(dense(D, H)(r), heads(3, out=2)), (B, D), 3),
     'cross_stitch': (lambda r: mnn.CrossStitch([dense(D, H), dense(H, H)],
                                                heads(2), rngs=r), (B, D), 2),
     'sluice': (lambda r: mnn.Sluice([dense(D, H), dense(H, H), dense(H, H)],
@@ -279,6 +280,8 @@ LIN = lambda i, o: i * o + o   # a dense layer with bias
 def test_parameter_counts_follow_the_papers():
   head = LIN(H, 1)
   assert n_params(build('hard_sharing')[0]) == LIN(D, H) + 2 * head
+  # MRN: hard sharing; the prior's precisions live in the optimizer state.
+  assert n_params(build('mrn')[0]) == LIN(D, H) + 3 * LIN(H, 2)
   # MMoE: n experts, a gate W_g^t in R^{n x d} per task, towers.
   assert n_params(build('mmoe')[0]) == 3 * LIN(D, H) + 2 * D * 3 + 2 * head
   # CGC: m_s shared + sum_k m_k task experts; gate k: d x (m_k + m_s).
@@ -597,6 +600,181 @@ def test_every_registered_method_steps_on_every_architecture(arch):
       assert count == 1, (arch, n)
       assert np.all(np.isfinite(flat)), (arch, n)
       assert np.any(flat[:p] != 0) and not np.any(flat[p:]), (arch, n)
+
+
+# --------------------------------------------------------------------------
+# MRN: the tensor-normal prior against explicit Kronecker algebra (numpy).
+
+
+def spd(rng, d):
+  a = rng.normal(size=(d, d))
+  return a @ a.T + d * np.eye(d)
+
+
+def kron_penalty(w, precisions):
+  """vec(W)^T (O1 kron O2 kron O3) vec(W) with the explicit matrix."""
+  o1, o2, o3 = (np.asarray(o, np.float64) for o in precisions)
+  v = np.asarray(w, np.float64).reshape(-1)
+  return float(v @ np.kron(o1, np.kron(o2, o3)) @ v)
+
+
+def test_mrn_penalty_against_the_explicit_kronecker_product():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(5, 3, 4))
+  om = tuple(spd(rng, d) for d in w.shape)
+  got = jax.jit(mnn.tensor_normal_penalty)(
+      jnp.asarray(w, jnp.float32), tuple(jnp.asarray(o, jnp.float32)
+                                         for o in om))
+  np.testing.assert_allclose(float(got), kron_penalty(w, om), rtol=1e-5)
+  # The gradient 2 (O1 kron O2 kron O3) vec(W).
+  g = jax.grad(mnn.tensor_normal_penalty)(jnp.asarray(w, jnp.float32), tuple(
+      jnp.asarray(o, jnp.float32) for o in om))
+  want = 2 * np.kron(om[0], np.kron(om[1], om[2])) @ w.reshape(-1)
+  np.testing.assert_allclose(np.asarray(g).reshape(-1), want, rtol=1e-4)
+
+
+def normalized_inverse(s):
+  o = np.linalg.inv(s)
+  return o / np.trace(o)
+
+
+def test_mrn_covariance_update_is_the_flip_flop_mle():
+  """Against the unfoldings: Sigma_1 = W_(1) (O2 kron O3) W_(1)^T / (D2 K)
+  + eps I, then Sigma_2 with the new O1, then Sigma_3."""
+  rng = np.random.default_rng(1)
+  d1, d2, k = 6, 3, 4
+  w = rng.normal(size=(d1, d2, k))
+  om = [normalized_inverse(spd(rng, d)) for d in (d1, d2, k)]
+  eps = 1e-3
+  w1 = w.reshape(d1, d2 * k)
+  o1 = normalized_inverse(w1 @ np.kron(om[1], om[2]) @ w1.T / (d2 * k)
+                          + eps * np.eye(d1))
+  w2 = w.transpose(1, 0, 2).reshape(d2, d1 * k)
+  o2 = normalized_inverse(w2 @ np.kron(o1, om[2]) @ w2.T / (d1 * k)
+                          + eps * np.eye(d2))
+  w3 = w.transpose(2, 0, 1).reshape(k, d1 * d2)
+  o3 = normalized_inverse(w3 @ np.kron(o1, o2) @ w3.T / (d1 * d2)
+                          + eps * np.eye(k))
+  with jax.enable_x64(True) if hasattr(jax, 'enable_x64') else (
+      jax.experimental.enable_x64()):
+    got = mnn.tensor_normal_update(jnp.asarray(w), tuple(
+        jnp.asarray(o) for o in om), eps)
+    for g, want in zip(got, (o1, o2, o3)):
+      np.testing.assert_allclose(np.asarray(g), want, rtol=1e-8, atol=1e-12)
+
+
+def test_mrn_learns_the_task_correlation():
+  """Two tasks with (nearly) the same last layer and one independent: the
+  estimated task covariance correlates the first two, not the third (a
+  well-posed shape: every dimension at most the product of the others)."""
+  rng = np.random.default_rng(2)
+  base_w = rng.normal(size=(8, 8))
+  w = np.stack([base_w, base_w + 0.1 * rng.normal(size=(8, 8)),
+                rng.normal(size=(8, 8))], axis=-1).astype(np.float32)
+  om = mnn.tensor_normal_init(w.shape)
+  for _ in range(5):
+    om = mnn.tensor_normal_update(jnp.asarray(w), om)
+  sigma = np.linalg.inv(np.asarray(om[2], np.float64))
+  corr = sigma / np.sqrt(np.outer(np.diag(sigma), np.diag(sigma)))
+  assert corr[0, 1] > 0.95, corr
+  assert abs(corr[0, 2]) < 0.3 and abs(corr[1, 2]) < 0.3, corr
+
+
+def test_mrn_prior_transformation_adds_the_penalty_gradient_and_refits():
+  model, fns, x, ys, k = setup('mrn')
+  params = fns.params
+  rng = np.random.default_rng(3)
+  weight, every = 0.3, 2
+  tx = optax.chain(mgda_jax.mgda_ub(k), model.prior(weight, every=every))
+  base_tx = mgda_jax.mgda_ub(k)
+
+  @jax.jit
+  def steps(params, state):
+    out = []
+    for _ in range(3):
+      losses, grads, _, _ = mnn.task_gradients(fns, 'representation', params,
+                                               fns.state, x, ys)
+      u, state = tx.update(grads, state, params, losses=losses)
+      b, _ = base_tx.update(grads, base_tx.init(params), params,
+                            losses=losses)
+      out.append((params, u, b, state[1]))
+      params = optax.apply_updates(params, jax.tree.map(lambda v: -0.5 * v,
+                                                        u))
+    return out
+
+  state = tx.init(params)
+  # Start from non-trivial precisions, so that the gradient reads them.
+  om = tuple(jnp.asarray(normalized_inverse(spd(rng, d)), jnp.float32)
+             for d in (H, 2, k))
+  state = (state[0], state[1]._replace(precisions=(om,)))
+  prev = om
+  for i, (p, u, b, st) in enumerate(steps(params, state)):
+    w = np.asarray(model.task_weights(p)[0], np.float64)
+    # The update is the method's plus weight * 2 (O kron) vec(W), on the
+    # decoders' kernels only; with the precisions of before this step.
+    want = 2 * weight * (np.kron(prev[0], np.kron(prev[1], prev[2]))
+                         @ w.reshape(-1)).reshape(w.shape)
+    diff = (np.asarray(model.task_weights(u)[0], np.float64)
+            - np.asarray(model.task_weights(b)[0], np.float64))
+    np.testing.assert_allclose(diff, want, rtol=2e-4, atol=1e-6)
+    rest = [(path, a, c) for (path, a), (_, c) in zip(
+        leaves_with_paths(u), leaves_with_paths(b)) if path[-1] != 'kernel'
+            or path[0] != 'decoders']
+    for path, a, c in rest:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(c), str(path))
+    np.testing.assert_allclose(float(st.penalty), weight * kron_penalty(
+        w, prev), rtol=1e-4)
+    assert int(st.count) == i + 1
+    if (i + 1) % every == 0:   # refitted from this step's parameters
+      want_om = mnn.tensor_normal_update(jnp.asarray(w, jnp.float32), prev)
+      for a, c in zip(st.precisions[0], want_om):
+        # float32 inverses: to 1e-4 of the matrix's scale.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4,
+                                   atol=1e-4 * float(np.abs(c).max()))
+    else:
+      for a, c in zip(st.precisions[0], prev):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    prev = tuple(np.asarray(o, np.float64) for o in st.precisions[0])
+
+
+def test_mrn_weight_survives_inject_hyperparams_and_cost_formula():
+  model, fns, _, _, k = setup('mrn')
+  tx = optax.inject_hyperparams(mnn.tensor_normal_prior,
+                                static_args=('select', 'every'))(
+                                    model.task_weights, weight=0.5)
+  state = tx.init(fns.params)
+  zeros = jax.tree.map(jnp.zeros_like, fns.params)
+  u, _ = jax.jit(tx.update)(zeros, state, fns.params)
+  w = np.asarray(model.task_weights(fns.params)[0], np.float64)
+  om = [np.eye(d) / d for d in w.shape]
+  want = 2 * 0.5 * (np.kron(om[0], np.kron(om[1], om[2])) @ w.reshape(-1))
+  np.testing.assert_allclose(
+      np.asarray(model.task_weights(u)[0]).reshape(-1), want, rtol=1e-5,
+      atol=1e-7)
+  # The documented count: three mode products per step.
+  c = mnn.tensor_normal_cost((256, 31, 4))
+  assert c['step_flops'] == 2 * 256 * 31 * 4 * (256 + 31 + 4)
+  assert c['state_floats'] == 256 ** 2 + 31 ** 2 + 4 ** 2
+
+
+def test_mrn_errors():
+  r = nnx.Rngs(0)
+  with pytest.raises(ValueError, match='differ in shape'):
+    mnn.MRN(dense(D, H)(r), [nnx.Linear(H, 1, rngs=r),
+                             nnx.Linear(H, 2, rngs=r)])
+  with pytest.raises(ValueError, match='no parameter at'):
+    mnn.MRN(dense(D, H)(r), heads(2), layers=[('layers', 0, 'kernel')])
+  with pytest.raises(ValueError, match='not a kernel'):
+    mnn.MRN(dense(D, H)(r), heads(2), layers=[('bias',)])
+  model = mnn.MRN(dense(D, H)(r), heads(2))
+  with pytest.raises(ValueError, match='positive'):
+    model.prior(every=0)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  tx = model.prior()
+  with pytest.raises(ValueError, match='needs params'):
+    tx.update(params, tx.init(params))
+  with pytest.raises(ValueError, match=r'\(D1, D2, K\)'):
+    mnn.tensor_normal_penalty(jnp.ones((2, 2)), (jnp.eye(2),) * 3)
 
 
 # --------------------------------------------------------------------------
