@@ -19,6 +19,15 @@ from mgda_jax._src.nn.cross_stitch import stitch_init
 from mgda_jax._src.nn.experts import CGC
 from mgda_jax._src.nn.experts import MMoE
 from mgda_jax._src.nn.experts import PLE
+from mgda_jax._src.nn.fafs import Branched
+from mgda_jax._src.nn.fafs import branch_affinity
+from mgda_jax._src.nn.fafs import error_affinity
+from mgda_jax._src.nn.fafs import fafs
+from mgda_jax._src.nn.fafs import FAFSRound
+from mgda_jax._src.nn.fafs import group_branches
+from mgda_jax._src.nn.fafs import Grouping
+from mgda_jax._src.nn.fafs import separation
+from mgda_jax._src.nn.fafs import widen
 from mgda_jax._src.nn.functional import Functional
 from mgda_jax._src.nn.functional import functional
 from mgda_jax._src.nn.functional import task_gradients
@@ -38,10 +47,17 @@ from mgda_jax._src.nn.sluice import Sluice
 __all__ = (
     'alpha_init',
     'beta_init',
+    'Branched',
+    'branch_affinity',
     'CGC',
     'CrossStitch',
+    'error_affinity',
+    'fafs',
+    'FAFSRound',
     'Functional',
     'functional',
+    'group_branches',
+    'Grouping',
     'HardSharing',
     'MMoE',
     'MRN',
@@ -49,6 +65,7 @@ __all__ = (
     'MTLArchitecture',
     'path_keys',
     'PLE',
+    'separation',
     'Sluice',
     'stitch_init',
     'task_gradients',
@@ -58,4 +75,5 @@ __all__ = (
     'tensor_normal_prior',
     'tensor_normal_update',
     'TensorNormalPriorState',
+    'widen',
 )

@@ -4,6 +4,7 @@ registered method on every architecture."""
 
 import functools
 import inspect
+import itertools
 import subprocess
 import sys
 
@@ -69,6 +70,11 @@ ARCHS = {
                                [D, H, H], heads(2), num_levels=3, rngs=r),
              (B, D), 2),
     'mrn': (lambda r: mnn.MRN(dense(D, H)(r), heads(3, out=2)), (B, D), 3),
+    # A FAFS tree: tasks 0, 1 share two blocks, task 2 leaves after one.
+    'branched': (lambda r: mnn.Branched(
+        [dense(D, H), dense(H, H), dense(H, H)], heads(3), rngs=r,
+        groups=[[(0, 1, 2)], [(0, 1), (2,)], [(0,), (1,), (2,)]]),
+                 (B, D), 3),
     'cross_stitch': (lambda r: mnn.CrossStitch([dense(D, H), dense(H, H)],
                                                heads(2), rngs=r), (B, D), 2),
     'sluice': (lambda r: mnn.Sluice([dense(D, H), dense(H, H), dense(H, H)],
@@ -280,6 +286,9 @@ LIN = lambda i, o: i * o + o   # a dense layer with bias
 def test_parameter_counts_follow_the_papers():
   head = LIN(H, 1)
   assert n_params(build('hard_sharing')[0]) == LIN(D, H) + 2 * head
+  # Branched: one copy of block l per group at layer l.
+  assert n_params(build('branched')[0]) == (
+      LIN(D, H) + 2 * LIN(H, H) + 3 * LIN(H, H) + 3 * head)
   # MRN: hard sharing; the prior's precisions live in the optimizer state.
   assert n_params(build('mrn')[0]) == LIN(D, H) + 3 * LIN(H, 2)
   # MMoE: n experts, a gate W_g^t in R^{n x d} per task, towers.
@@ -775,6 +784,156 @@ def test_mrn_errors():
     tx.update(params, tx.init(params))
   with pytest.raises(ValueError, match=r'\(D1, D2, K\)'):
     mnn.tensor_normal_penalty(jnp.ones((2, 2)), (jnp.eye(2),) * 3)
+
+
+# --------------------------------------------------------------------------
+# FAFS: the branched network, widening, the affinities and the grouping.
+
+
+def test_branched_all_shared_is_hard_sharing_and_widening_keeps_the_function():
+  r = nnx.Rngs(0)
+  blocks = [dense(D, H), dense(H, H), dense(H, H)]
+  thin = mnn.Branched(blocks, heads(3), rngs=r)
+  x = jax.random.normal(jax.random.key(0), (B, D))
+  # The same modules as a HardSharing over a Sequential of the blocks.
+  hs = mnn.HardSharing(nnx.Sequential(*[nnx.clone(thin.blocks[l][0])
+                                        for l in range(3)]),
+                       [nnx.clone(d) for d in thin.decoders])
+  for a, b in zip(thin(x), hs(x)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  n_thin = n_params(thin)
+  wide = mnn.widen(thin, 2, [[0, 2], [1]])
+  assert wide.groups[2] == ((0, 2), (1,)) and thin.groups[2] == ((0, 1, 2),)
+  wider = mnn.widen(wide, 1, [[(0, 2)], [(1,)]])
+  assert wider.groups == (((0, 1, 2),), ((0, 2), (1,)), ((0, 2), (1,)))
+  for m in (wide, wider):
+    for a, b in zip(m(x), thin(x)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert n_params(wide) == n_thin + LIN(H, H)
+  assert n_params(wider) == n_thin + 2 * LIN(H, H)
+  # The copies are independent parameters afterwards.
+  mask = leaves_with_paths(wider.shared_mask(nnx.as_pure(
+      nnx.state(wider, nnx.Param))))
+  shared = {p[:3] for p, m in mask if m}
+  assert shared == {('blocks', 0, 0), ('blocks', 1, 0), ('blocks', 2, 0)}
+  assert wider.z_sources() == ((2, 0), (0, 0))
+  with pytest.raises(ValueError, match='not a branch'):
+    mnn.widen(wide, 1, [[(0, 1)], [(2,)]])
+  with pytest.raises(ValueError, match='refine'):
+    mnn.Branched(blocks, heads(3), rngs=r,
+                 groups=[[(0,), (1, 2)], [(0, 1), (2,)], [(0, 1), (2,)]])
+  with pytest.raises(ValueError, match='partition'):
+    mnn.Branched(blocks, heads(3), rngs=r, groups=[[(0, 1)]] * 3)
+
+
+def test_error_affinity_and_branch_affinity_against_loops():
+  rng = np.random.default_rng(0)
+  m = rng.random((50, 4))
+  m[3, 1] = np.nan                                   # an unlabelled example
+  a = mnn.error_affinity(m)
+  for i in range(4):
+    for j in range(4):
+      agree = n = 0
+      mi, mj = np.nanmean(m[:, i]), np.nanmean(m[:, j])
+      for row in m:
+        if np.isnan(row[i]) or np.isnan(row[j]):
+          continue
+        ei, ej = row[i] >= mi, row[j] >= mj
+        agree += int(ei == ej)
+        n += 1
+      assert a[i, j] == pytest.approx(agree / n)
+  branches = [(0, 2), (1,), (3,)]
+  ab = mnn.branch_affinity(a, branches)
+  for p, bk in enumerate(branches):
+    for q, bl in enumerate(branches):
+      lhs = np.mean([min(a[i, j] for j in bl) for i in bk])
+      rhs = np.mean([min(a[j, i] for i in bk) for j in bl])
+      assert ab[p, q] == pytest.approx((lhs + rhs) / 2)
+
+
+def brute_force_groupings(ab, alpha, cost):
+  """min over every labelling of the n branches with d labels."""
+  n = ab.shape[0]
+  best = {}
+  for labels in itertools.product(range(n), repeat=n):
+    groups = [[i for i in range(n) if labels[i] == g] for g in range(n)]
+    groups = [g for g in groups if g]
+    d = len(groups)
+    val = mnn.separation(ab, groups)
+    best[d] = min(best.get(d, np.inf), val)
+  return [(d - 1) * cost + alpha * best[d] for d in range(1, n + 1)]
+
+
+def test_grouping_is_the_exact_minimiser_and_greedy_is_no_better():
+  rng = np.random.default_rng(1)
+  for trial in range(6):
+    n = 5
+    a = rng.random((n, n))
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 1.0)
+    ab = mnn.branch_affinity(a, [(i,) for i in range(n)])
+    alpha, cost = 1.0 + trial, 0.05
+    g = mnn.group_branches(ab, alpha, cost)
+    np.testing.assert_allclose(g.loss, brute_force_groupings(ab, alpha, cost),
+                               rtol=1e-12)
+    assert g.exact
+    greedy = mnn.group_branches(ab, alpha, cost, exact_max=0)
+    assert not greedy.exact
+    assert all(x >= y - 1e-12 for x, y in zip(greedy.loss, g.loss))
+  # Two blocks of similar tasks: split into exactly those blocks.
+  a = np.full((5, 5), 0.2)
+  a[:3, :3] = 0.9
+  a[3:, 3:] = 0.9
+  np.fill_diagonal(a, 1.0)
+  ab = mnn.branch_affinity(a, [(i,) for i in range(5)])
+  for exact_max in (8, 0):
+    assert mnn.group_branches(ab, 2.0, 0.2, exact_max=exact_max).groups == [
+        [0, 1, 2], [3, 4]]
+  assert mnn.group_branches(ab, 0.0, 0.2).groups == [[0, 1, 2, 3, 4]]
+  assert len(mnn.group_branches(ab, 2.0, 0.0).groups) == 5
+  assert len(mnn.group_branches(ab, 2.0, 0.0, max_groups=2).groups) == 2
+
+
+def test_fafs_procedure_widens_top_down_by_affinity():
+  """Four tasks in two related pairs: the top layer splits into the pairs;
+  one layer down the two pair-branches split only where branching is
+  cheap."""
+  a = np.full((4, 4), 0.3)
+  a[:2, :2] = a[2:, 2:] = 0.9
+  np.fill_diagonal(a, 1.0)
+  r = nnx.Rngs(0)
+  thin = mnn.Branched([dense(D, H), dense(H, H), dense(H, H)], heads(4),
+                      rngs=r)
+  x = jax.random.normal(jax.random.key(0), (B, D))
+  calls = []
+
+  def train(model, rnd):
+    calls.append((rnd, model.groups))
+    for u, v in zip(model(x), thin(x)):   # widening keeps the function
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    return model, a
+
+  # Branching costs 2^{p_l} / 64 with p = (2, 1, 0) pooling layers above:
+  # at the top, pairs (loss 1/64 + 0.2 * 0.1) beat singletons (3/64) and
+  # one group (0.2 * 0.7); below, splitting the pairs (2/64 + 0.02) beats
+  # keeping them together (0.14), and so on down to the first layer.
+  costs = [4 / 64, 2 / 64, 1 / 64]
+  model, rounds = mnn.fafs(thin, train, alpha=0.2, branch_costs=costs)
+  assert [c[0] for c in calls] == [0, 1, 2]
+  assert [rd.layer for rd in rounds] == [2, 1, 0]
+  assert rounds[0].groups[2] == ((0, 1), (2, 3))
+  np.testing.assert_allclose(rounds[0].grouping.loss[:2],
+                             [0.2 * 0.7, 1 / 64 + 0.2 * 0.1])
+  assert model.groups == (((0, 1), (2, 3)),) * 3
+  # Expensive branching low down keeps the lower layers shared.
+  calls.clear()
+  model, _ = mnn.fafs(thin, train, alpha=0.2, branch_costs=[0.5, 0.5, 1 / 64])
+  assert model.groups == (((0, 1, 2, 3),), ((0, 1, 2, 3),), ((0, 1), (2, 3)))
+  # A high separation weight: every task its own branch at the top.
+  model, _ = mnn.fafs(thin, train, alpha=1.0, branch_costs=[0.5, 0.5, 1 / 64])
+  assert model.groups[2] == ((0,), (1,), (2,), (3,))
+  with pytest.raises(ValueError, match='one per layer'):
+    mnn.fafs(thin, train, alpha=1.0, branch_costs=[0.1])
 
 
 # --------------------------------------------------------------------------
