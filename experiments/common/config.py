@@ -38,7 +38,10 @@ RESUMABLE_CHANGES = ('epochs', 'data.mnist_dir', 'data.tfds_data_dir',
                      'data.celeba_dir', 'data.cityscapes_dir')
 # Fields added after runs were recorded: a saved config without one is the
 # same config when the new value is this default.
-ADDED_FIELDS = {'optimizer.decay_every': 0, 'optimizer.decay_factor': 1.0}
+ADDED_FIELDS = {'optimizer.decay_every': 0, 'optimizer.decay_factor': 1.0,
+                'architecture.name': 'multilenet',
+                'architecture.mrn_weight': 1.0, 'architecture.mrn_every': 1,
+                'architecture.groups': '', 'architecture.experts': 3}
 OPTIMIZERS = ('sgd', 'adam')
 AFFINITY_KINDS = ('lookahead', 'linearized', 'representation', 'cosine')
 
@@ -141,6 +144,14 @@ FIELD_HELP = {
     'affinity.divide_by_lr': "divide the lookahead by the learning rate "
                              "(the official code's choice)",
     'affinity.drop_last': "epochs left out of final.json's average",
+    'architecture.name': 'the network: multilenet (the paper\'s) or an '
+                         'mgda_jax.nn architecture of LeNet parts',
+    'architecture.mrn_weight': "mrn: the tensor-normal prior's weight",
+    'architecture.mrn_every': 'mrn: re-estimate its covariances every this '
+                              'many steps',
+    'architecture.groups': "branched: task groups per block, e.g. "
+                           "'01|01|0,1' ('': all shared)",
+    'architecture.experts': 'mmoe: the number of experts',
     # The data fields of the datasets that have them.
     'data.mnist_dir': 'a folder with the four MNIST IDX files (first choice)',
     'data.tfds_data_dir': "a TFDS data dir with prepared mnist ('': TFDS's "

@@ -15,7 +15,8 @@ class Method(NamedTuple):
   diagnostics.
 
   Attributes:
-    tx: ``optax.chain(method, apply_if_finite(optimizer))``.
+    tx: ``optax.chain(method, apply_if_finite(optimizer))``, or
+      ``optax.chain(method, regularizer, apply_if_finite(optimizer))``.
     grad_kind: ``'representation'`` (one forward pass, per-task gradients at
       Z, one pullback: every method but full MGDA) or ``'parameters'`` (K
       backward passes; full MGDA, whose shared/head split is the
@@ -85,9 +86,10 @@ def method_kwargs(c: config_dict.ConfigDict, name: str, *,
 
 
 def build(c: config_dict.ConfigDict, num_tasks: int, *, steps_per_epoch: int,
-          shared: Callable[[Any], Any], extra: dict[str, Any] | None = None
-          ) -> Method:
-  """Builds ``c.method`` (``single_task`` trains with uniform weights)."""
+          shared: Callable[[Any], Any], extra: dict[str, Any] | None = None,
+          regularizer: optax.GradientTransformation | None = None) -> Method:
+  """Builds ``c.method`` (``single_task`` trains with uniform weights);
+  ``regularizer`` (e.g. MRN's prior) adds to the method's update."""
   name = 'uniform_weighting' if c.method == 'single_task' else c.method
   kwargs = method_kwargs(c, name, steps_per_epoch=steps_per_epoch,
                          extra=(extra or {}).get(name, {}))
@@ -102,7 +104,8 @@ def build(c: config_dict.ConfigDict, num_tasks: int, *, steps_per_epoch: int,
     return state[0].weights, state[0].info.error, state[0].info.num_steps
 
   def base_state(state):
-    return state[1].inner_state  # chain(method, apply_if_finite(base))
+    return state[-1].inner_state  # chain(method, ..., apply_if_finite(base))
 
-  return Method(optax.chain(tx, optimizer(c, steps_per_epoch)), grad_kind,
+  parts = (tx,) + (() if regularizer is None else (regularizer,))
+  return Method(optax.chain(*parts, optimizer(c, steps_per_epoch)), grad_kind,
                 diagnostics, base_optimizer(c, steps_per_epoch), base_state)

@@ -91,6 +91,9 @@ class Experiment:
     select_labels: ``(labels, tasks) -> labels`` of the trained tasks
       (indices into the spec), on host arrays; the default takes the columns
       ``labels[:, tasks]``.
+    regularizer: ``(config, model) -> optax transformation | None``, added
+      to the method's update before the optimizer (MRN's tensor-normal
+      prior); None by default.
     reduce_metrics: ``(sums, n, names) -> {metric: (K,)}``, the split's
       metrics from ``eval_metrics``' accumulators summed over all ``n``
       examples, for the trained tasks ``names`` (e.g. mIoU from summed
@@ -116,6 +119,8 @@ class Experiment:
       lambda labels, tasks: np.asarray(labels)[:, list(tasks)])
   reduce_metrics: Callable[[dict, int, Sequence[str]], dict] = (
       lambda sums, n, names: {k: v / n for k, v in sums.items()})
+  regularizer: Callable[[config_dict.ConfigDict, Any], Any] = (
+      lambda config, model: None)
 
 
 def split_model(experiment: Experiment, model):
@@ -387,7 +392,8 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
    eval_metrics) = split_model(experiment, model)
   extra = experiment.method_args(config, data, tasks)
   method = methods_lib.build(config, num_tasks, steps_per_epoch=n_batches,
-                             shared=experiment.shared, extra=extra)
+                             shared=experiment.shared, extra=extra,
+                             regularizer=experiment.regularizer(config, model))
   opt_state = method.tx.init(params)
   sharding = batch_sharding(config, log)
   train_chunk, evaluate = make_functions(

@@ -19,7 +19,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs',
 
 def main(argv=None):
   return cli.run(train.EXPERIMENT, DEFAULT_CONFIG,
-                 sys.argv if argv is None else argv)
+                 sys.argv if argv is None else argv,
+                 choose=train.experiment_for)
 
 
 if __name__ == '__main__':

@@ -7,13 +7,16 @@ digits, accuracy and NLL), the data (:mod:`.input_pipeline`), the model
 method and returns the test figures of the best-validation epoch.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 from flax import nnx
 import jax.numpy as jnp
 
+from experiments.common import config as config_lib
 from experiments.common import tasks as tasks_lib
 from experiments.common import trainer
+from experiments.multimnist import architectures
 from experiments.multimnist import input_pipeline
 from experiments.multimnist import models
 from experiments.multimnist.configs import default as default_config
@@ -71,10 +74,48 @@ EXPERIMENT = trainer.Experiment(
 )
 
 
+# Architecture fields and the architecture they belong to.
+ARCHITECTURE_FIELDS = {'mrn_weight': 'mrn', 'mrn_every': 'mrn',
+                       'groups': 'branched', 'experts': 'mmoe'}
+
+
+def experiment_for(config) -> trainer.Experiment:
+  """The experiment of ``config.architecture`` (the MultiLeNet by default,
+  else an :mod:`mgda_jax.nn` architecture of LeNet parts).
+
+  Raises:
+    ValueError: for an unknown architecture, or an architecture field set
+      for another architecture (it would be ignored).
+  """
+  a = config.architecture
+  if a.name not in architectures.NAMES:
+    raise ValueError(f'config.architecture.name must be one of '
+                     f'{architectures.NAMES}; got {a.name!r}')
+  defaults = default_config.get_config().architecture
+  for field, owner in ARCHITECTURE_FIELDS.items():
+    if a[field] != defaults[field] and a.name != owner:
+      raise ValueError(
+          f'config.architecture.{field}={a[field]!r} is set, but '
+          f'config.architecture.name is {a.name!r}: it applies to '
+          f'{owner!r} only and would be ignored.')
+  if a.name == 'multilenet':
+    return EXPERIMENT
+  names = tuple(TASKS.names[t] for t in config_lib.task_indices(
+      config, len(TASKS.names)))
+  return dataclasses.replace(
+      EXPERIMENT,
+      make_model=lambda config, task_names, rngs: architectures.build(
+          config, task_names, rngs),
+      functional=architectures.functional,
+      eval_metrics=architectures.eval_metrics,
+      shared=architectures.shared_mask(config, names),
+      regularizer=architectures.regularizer)
+
+
 def train_and_evaluate(config, workdir: str,
                        data: input_pipeline.MultiMnist | None = None,
                        log: Callable[[str], None] = print,
                        force: bool = False) -> dict[str, Any]:
   """Trains one method; returns the best-validation epoch's test metrics."""
-  return trainer.train_and_evaluate(EXPERIMENT, config, workdir, data=data,
-                                    force=force, log=log)
+  return trainer.train_and_evaluate(experiment_for(config), config, workdir,
+                                    data=data, force=force, log=log)

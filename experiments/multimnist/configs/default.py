@@ -20,6 +20,15 @@ def get_config():
   c.optimizer.learning_rate = 0.05
   c.optimizer.momentum = 0.9
   c.select = 'acc'  # best epoch: mean validation accuracy over the digits
+  # The network: the paper's MultiLeNet, or an mgda_jax.nn architecture of
+  # LeNet parts (experiments/multimnist/architectures.py).
+  c.architecture = config_lib.config_dict.ConfigDict({
+      'name': 'multilenet',
+      'mrn_weight': 1.0,
+      'mrn_every': 1,
+      'groups': '',
+      'experts': 3,
+  })
   # Data: a folder of MNIST IDX files, else a TFDS data dir ('': TFDS's
   # default), else a verified download into download_dir (if download).
   c.data = config_lib.config_dict.ConfigDict({

@@ -13,6 +13,7 @@ from experiments.multimnist.configs import default as multimnist
 
 def get_config():
   c = multimnist.get_config()
+  del c['architecture']  # TAG's own network (experiments/tag/mnist.py)
   c.method = 'uniform_weighting'
   c.epochs = 8
   c.batch_size = 256
