@@ -60,9 +60,17 @@ class Pool(nnx.Module):
 
 def architectures(k):
   r = nnx.Rngs(0)
+  half = (tuple(range(k // 2)), tuple(range(k // 2, k)))
   return {
       'hard_sharing': (mnn.HardSharing(
           nnx.Sequential(mlp(D, H)(r), mlp(H, H)(r)), heads(k)), (B, D)),
+      # Both steps carry the prior (every step), so the row's times against
+      # hard sharing's show its cost.
+      'mrn (prior on the heads)': (mnn.MRN(
+          nnx.Sequential(mlp(D, H)(r), mlp(H, H)(r)), heads(k)), (B, D)),
+      'fafs tree (2 groups at block 2)': (mnn.Branched(
+          [mlp(D, H), mlp(H, H)], heads(k), rngs=r,
+          groups=[[tuple(range(k))], half if k > 1 else [(0,)]]), (B, D)),
       'mmoe (4 experts)': (mnn.MMoE(mlp(D, H), 4, D, heads(k), rngs=r),
                            (B, D)),
       'cgc (2 shared, 1 each)': (mnn.CGC(mlp(D, H), 2, 1, D, heads(k),
@@ -94,6 +102,9 @@ def steps(model, shape, k):
   y = jnp.asarray(rng.integers(0, 10, (shape[0], k)), jnp.int32)
   sgd = optax.sgd(0.01)
   tx = optax.chain(mgda_jax.mgda_ub(k), optax.sgd(0.01))
+  if isinstance(model, mnn.MRN):
+    sgd = optax.chain(model.prior(), sgd)
+    tx = optax.chain(mgda_jax.mgda_ub(k), model.prior(), optax.sgd(0.01))
 
   @jax.jit
   def uniform(params, state, opt_state):

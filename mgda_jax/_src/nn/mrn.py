@@ -213,8 +213,11 @@ def tensor_normal_prior(
       return tuple(tensor_normal_update(w, om, eps)
                    for w, om in zip(select(params), precisions))
 
-    precisions = jax.lax.cond(count % every == 0, refit, lambda p: p,
-                              state.precisions)
+    if every == 1:   # static: no lax.cond (slow on XLA:CPU)
+      precisions = refit(state.precisions)
+    else:
+      precisions = jax.lax.cond(count % every == 0, refit, lambda p: p,
+                                state.precisions)
     return updates, TensorNormalPriorState(
         count, precisions, (weight * value).astype(jnp.float32))
 
