@@ -74,7 +74,12 @@ class CrossStitch(base.MTLArchitecture):
   representation ``Z`` is the last unit's output, per task, ``(K, B, ...)``;
   decoder ``t`` reads ``Z[t]``. Both paths apply: MGDA-UB on
   ``dL_t/dZ`` (``Z`` per task: the bound holds as for any ``Z``), and full
-  MGDA on the parameter gradients of the columns and units. At ``alpha = I``
+  MGDA on the parameter gradients of the columns and units. Since
+  ``dL_t/dZ`` is non-zero in slot ``t`` only, the Gram matrix at ``Z`` is
+  diagonal and MGDA-UB's weights are the closed form ``alpha_t proportional
+  to 1 / ||dL_t/dZ||^2`` (the min-norm point of orthogonal vectors): the
+  upper bound ignores how the columns interact through the units. Full
+  MGDA, on the parameter gradients, sees that interaction. At ``alpha = I``
   task ``s``'s gradient of column ``t != s`` is zero, and MGDA reduces to
   independent training.
 

@@ -59,7 +59,10 @@ output of each task's deepest multi-task group (the input ``x`` for a task
 alone from the first layer). Every shared parameter reaches task ``t`` only
 through its entry of ``Z``, so MGDA-UB's bound holds as for any ``Z`` (see
 :mod:`mgda_jax.nn`'s base docstring); task ``t``'s own blocks and its
-decoder are its task-specific parameters.
+decoder are its task-specific parameters. Tasks that leave at different
+tensors have orthogonal gradients at ``Z`` (zero Gram entries), so MGDA-UB
+couples only the tasks that leave together; full MGDA, on the parameter
+gradients, couples every pair that shares a block.
 
 References:
   Lu, Kumar, Zhai, Cheng, Javidi, Feris, Fully-adaptive Feature Sharing in

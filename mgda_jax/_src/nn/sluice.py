@@ -91,7 +91,10 @@ class Sluice(base.MTLArchitecture):
   stitched outputs, each per task ``(K, B, ..., d)``; decoder ``t`` reads
   ``Z[l][t]`` for every ``l`` through its own beta. Both paths apply
   (MGDA-UB on ``dL_t/dZ``, full MGDA on the columns' and alphas' parameter
-  gradients).
+  gradients). As for cross-stitch, ``dL_t/dZ`` lives in task ``t``'s slots
+  only, so the Gram matrix at ``Z`` is diagonal and MGDA-UB weights
+  ``alpha_t proportional to 1 / ||dL_t/dZ||^2``; full MGDA sees how the
+  columns interact.
 
   The penalty: the paper constrains the subspaces to be orthogonal; the
   reference code evaluates it on two of each LSTM layer's weight matrices,
