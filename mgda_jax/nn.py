@@ -38,6 +38,8 @@ from mgda_jax._src.nn.mrn import tensor_normal_init
 from mgda_jax._src.nn.mrn import tensor_normal_penalty
 from mgda_jax._src.nn.mrn import tensor_normal_prior
 from mgda_jax._src.nn.mrn import tensor_normal_update
+from mgda_jax._src.nn.mrn import tensor_normal_value_and_grad
+from mgda_jax._src.nn.mrn import well_posed_modes
 from mgda_jax._src.nn.mrn import TensorNormalPriorState
 from mgda_jax._src.nn.mtan import MTAN
 from mgda_jax._src.nn.sluice import alpha_init
@@ -74,6 +76,8 @@ __all__ = (
     'tensor_normal_penalty',
     'tensor_normal_prior',
     'tensor_normal_update',
+    'tensor_normal_value_and_grad',
     'TensorNormalPriorState',
+    'well_posed_modes',
     'widen',
 )

@@ -40,6 +40,7 @@ def arch_cfg(arch, **kw):
 
 CASES = [(a, 'mgda_ub') for a in NN_ARCHS] + [('cross_stitch', 'mgda'),
                                               ('mrn', 'uniform_weighting')]
+MRN_WEIGHT = 30.0   # large enough that leaving the prior out shows
 
 
 @pytest.mark.parametrize('arch,method', CASES)
@@ -51,6 +52,8 @@ def test_an_epoch_is_the_documented_loop_on_every_architecture(arch, method,
   uniform, the parameter path with the architecture's shared mask for full
   MGDA, MRN's prior between the method and the optimizer."""
   c = arch_cfg(arch, method=method)
+  if arch == 'mrn':
+    c.architecture.mrn_weight = MRN_WEIGHT
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(c, workdir, data, log=lambda _: None)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -62,32 +65,40 @@ def test_an_epoch_is_the_documented_loop_on_every_architecture(arch, method,
   fns = mnn.functional(model, lambda outs, y: models.nll_per_task(
       jnp.stack(list(outs.values())), y))
   kwargs = {'shared': fns.shared} if method == 'mgda' else {}
-  parts = [mgda_jax.make_method(method, 2, **kwargs)]
-  if arch == 'mrn':
-    parts.append(model.prior(c.architecture.mrn_weight,
-                             every=c.architecture.mrn_every))
-  tx = optax.chain(*parts, optax.apply_if_finite(
-      optax.sgd(0.05, momentum=0.9), 100))
   kind = 'per_task' if method == 'mgda' else 'representation'
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    losses, grads, _, _ = mnn.task_gradients(fns, kind, params, fns.state,
-                                             x, y)
-    u, opt_state = tx.update(grads, opt_state, params, losses=losses)
-    return optax.apply_updates(params, u), opt_state, losses
-
-  params, opt_state = fns.params, tx.init(fns.params)
   x, y = data.train.images[:64], data.train.labels[:64]
   perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, 1),
                                            64))
-  losses = []
-  for i in range(2):
-    idx = perm[i * 32:(i + 1) * 32]
-    params, opt_state, l = step(params, opt_state, x[idx], y[idx])
-    losses.append(np.asarray(l))
+
+  def loop(with_prior):
+    parts = [mgda_jax.make_method(method, 2, **kwargs)]
+    if with_prior:
+      parts.append(model.prior(MRN_WEIGHT, every=c.architecture.mrn_every))
+    tx = optax.chain(*parts, optax.apply_if_finite(
+        optax.sgd(0.05, momentum=0.9), 100))
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+      losses, grads, _, _ = mnn.task_gradients(fns, kind, params, fns.state,
+                                               x, y)
+      u, opt_state = tx.update(grads, opt_state, params, losses=losses)
+      return optax.apply_updates(params, u), opt_state, losses
+
+    params, opt_state = fns.params, tx.init(fns.params)
+    losses = []
+    for i in range(2):
+      idx = perm[i * 32:(i + 1) * 32]
+      params, opt_state, l = step(params, opt_state, x[idx], y[idx])
+      losses.append(np.asarray(l))
+    return params, losses
+
+  params, losses = loop(arch == 'mrn')
   np.testing.assert_allclose(got['train_loss'], np.mean(losses, 0),
                              rtol=2e-5)
+  if arch == 'mrn':
+    # The prior acts on the second step's losses (after the first update).
+    _, plain = loop(False)
+    assert np.max(np.abs(plain[1] - losses[1])) > 1e-3, (plain, losses)
   m = nnx.merge(fns.graphdef, params, fns.state)
   logits = np.asarray(jnp.stack(list(m(data.test.images).values())))
   acc = (logits.argmax(-1) == data.test.labels.T).mean(1)

@@ -39,8 +39,14 @@ def set_field(config, dotted: str, value: Any) -> None:
 
 def run_all(experiment: trainer.Experiment, methods: Sequence[str],
             seeds: Sequence[int], epochs: int, runs_dir: str,
-            overrides: Mapping[str, Any] = (), log=print) -> dict:
-  """Trains (or reads back) every (method, seed); returns their results."""
+            overrides: Mapping[str, Any] = (), log=print,
+            choose=None) -> dict:
+  """Trains (or reads back) every (method, seed); returns their results.
+
+  ``choose``: ``config -> Experiment``, called on each run's config after
+  the overrides (e.g. MultiMNIST's ``experiment_for``: the architecture is a
+  config field); ``experiment`` then only gives the default config.
+  """
   results = {}
   for method in methods:
     for seed in seeds:
@@ -58,7 +64,8 @@ def run_all(experiment: trainer.Experiment, methods: Sequence[str],
         set_field(config, k, v)
       log(f'== {method}, seed {seed}, {epochs} epochs')
       results[(method, seed)] = trainer.train_and_evaluate(
-          experiment, config, workdir, log=log)
+          experiment if choose is None else choose(config), config, workdir,
+          log=log)
   return results
 
 

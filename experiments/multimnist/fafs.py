@@ -66,8 +66,9 @@ def margins(model, x, y, batch=1000) -> np.ndarray:
 
 
 def trainer(x, y, config, epochs: int, affinity_examples: int, seed: int,
-            log=print):
-  """The ``train`` callback of :func:`mgda_jax.nn.fafs`."""
+            difficult: list, log=print):
+  """The ``train`` callback of :func:`mgda_jax.nn.fafs`; appends each
+  round's fraction of difficult images per task to ``difficult``."""
   rng = np.random.default_rng(seed)
   k = y.shape[1]
   b = config.batch_size
@@ -95,7 +96,9 @@ def trainer(x, y, config, epochs: int, affinity_examples: int, seed: int,
           f', last losses {np.round(np.asarray(losses), 3).tolist()}')
     model = nnx.merge(fns.graphdef, params, fns.state)
     sub = rng.choice(len(x), min(affinity_examples, len(x)), replace=False)
-    return model, mnn.error_affinity(margins(model, x[sub], y[sub]))
+    m = margins(model, x[sub], y[sub])
+    difficult.append((m >= m.mean(0)).mean(0))
+    return model, mnn.error_affinity(m)
 
   return train_round
 
@@ -113,19 +116,23 @@ def search(config, *, alpha: float = 1.0, epochs_per_round: int = 1,
                        zip(names, [nnx.Rngs(config.seed + 1 + i)
                                    for i in range(len(names))])},
                       rngs=nnx.Rngs(config.seed))
+  difficult = []
   model, rounds = mnn.fafs(
       thin, trainer(x, y, config, epochs_per_round, affinity_examples,
-                    config.seed, log),
+                    config.seed, difficult, log),
       alpha=alpha, branch_costs=[UNIT_COST * 2 ** p for p in POOLS_ABOVE])
   out = {'groups': groups_spec(model.groups), 'alpha': alpha,
          'epochs_per_round': epochs_per_round, 'rounds': []}
-  for r in rounds:
-    g = r.grouping
+  for r, hard in zip(rounds, difficult):
+    # Agreement expected of independent tasks: p_i p_j + (1-p_i)(1-p_j),
+    # p_i the fraction of images difficult for task i.
+    chance = hard[0] * hard[1] + (1 - hard[0]) * (1 - hard[1])
     out['rounds'].append({
         'layer': r.layer, 'affinity': np.round(r.affinity, 4).tolist(),
+        'difficult': np.round(hard, 4).tolist(),
+        'chance_affinity': round(float(chance), 4),
         'branches': [list(b) for b in r.branches],
-        'losses': None if isinstance(g, list) else [round(v, 5)
-                                                   for v in g.loss],
+        'losses': [[round(v, 5) for v in d.loss] for d in r.decisions],
         'groups': groups_spec(r.groups)})
   return out
 

@@ -116,7 +116,8 @@ def main(argv=None):
   p.add_argument('--note', default='')
   args = p.parse_args(argv)
   results = reproduce.run_all(train.EXPERIMENT, args.methods, args.seeds,
-                              args.epochs, args.runs, parse_set(args.set))
+                              args.epochs, args.runs, parse_set(args.set),
+                              choose=train.experiment_for)
   os.makedirs(args.out, exist_ok=True)
   plots = reproduce.write_plots(train.TASKS, results, args.runs, args.methods,
                                 args.seeds, args.out, LABELS,

@@ -126,21 +126,25 @@ def main(argv=None):
     p.error("'branched' needs --groups (python -m experiments.multimnist.fafs"
             ' finds them)')
   overrides = multimnist.parse_set(args.set)
+  bad = [k for k in overrides if k.startswith('architecture.')]
+  if bad:
+    p.error(f'{bad}: the architecture is set per row (--architectures, '
+            '--groups), not with --set')
   results = {}
   single = dict(overrides, **{'architecture.name': 'hard_sharing'})
   for (m, s), r in reproduce.run_all(
-      train.experiment_for(arch_config('hard_sharing', '')), ['single_task'],
-      args.seeds, args.epochs, os.path.join(args.runs, 'single'),
-      single).items():
+      train.EXPERIMENT, ['single_task'], args.seeds, args.epochs,
+      os.path.join(args.runs, 'single'), single,
+      choose=train.experiment_for).items():
     results[('single', m, s)] = r
   for arch in archs:
     o = dict(overrides, **{'architecture.name': arch})
     if arch == 'branched':
       o['architecture.groups'] = args.groups
-    experiment = train.experiment_for(arch_config(arch, args.groups))
     for (m, s), r in reproduce.run_all(
-        experiment, args.methods, args.seeds, args.epochs,
-        os.path.join(args.runs, arch), o).items():
+        train.EXPERIMENT, args.methods, args.seeds, args.epochs,
+        os.path.join(args.runs, arch), o,
+        choose=train.experiment_for).items():
       results[(arch, m, s)] = r
   if args.no_table:
     return results

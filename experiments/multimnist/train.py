@@ -98,6 +98,19 @@ def experiment_for(config) -> trainer.Experiment:
           f'config.architecture.{field}={a[field]!r} is set, but '
           f'config.architecture.name is {a.name!r}: it applies to '
           f'{owner!r} only and would be ignored.')
+  if not a.mrn_weight >= 0 or a.mrn_every < 1:
+    raise ValueError('config.architecture.mrn_weight must be >= 0 and '
+                     'config.architecture.mrn_every >= 1; got '
+                     f'{a.mrn_weight}, {a.mrn_every}')
+  if a.experts < 1:
+    raise ValueError('config.architecture.experts must be >= 1; got '
+                     f'{a.experts}')
+  if a.name == 'branched':
+    try:
+      nnx.eval_shape(lambda: architectures.build(config, TASKS.names,
+                                                 nnx.Rngs(0)))
+    except ValueError as e:
+      raise ValueError(f'config.architecture.groups={a.groups!r}: {e}') from e
   if a.name == 'multilenet':
     return EXPERIMENT
   names = tuple(TASKS.names[t] for t in config_lib.task_indices(

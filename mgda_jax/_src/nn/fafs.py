@@ -55,8 +55,12 @@ by simultaneous orthogonal matching pursuit (the paper's Sec. 4.1); start
 **Shared parameters and Z.** In a :class:`Branched` network a block is
 shared when its group holds two or more tasks. The representation ``Z`` is
 the tuple of the distinct tensors at which tasks leave shared blocks: the
-output of each task's deepest multi-task group (the input ``x`` for a task
-alone from the first layer). Every shared parameter reaches task ``t`` only
+output of each task's deepest multi-task group (an empty ``(B, 0)`` entry
+for a task alone from the first layer: it reads ``x``, and no shared
+parameter reaches it, so its gradient of the shared parameters is zero on
+both paths; with such a task MGDA's min-norm point is zero and the shared
+blocks do not move, as the maths of MGDA says for a task that is already
+stationary in them). Every shared parameter reaches task ``t`` only
 through its entry of ``Z``, so MGDA-UB's bound holds as for any ``Z`` (see
 :mod:`mgda_jax.nn`'s base docstring); task ``t``'s own blocks and its
 decoder are its task-specific parameters. Tasks that leave at different
@@ -74,6 +78,7 @@ import itertools
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from flax import nnx
+import jax.numpy as jnp
 import numpy as np
 
 from mgda_jax._src.nn import base
@@ -210,12 +215,15 @@ class Branched(base.MTLArchitecture):
     sources = self.z_sources()
     deepest = max((s[0] for s in sources if s is not None), default=-1)
     outs = self._run(x, deepest) if deepest >= 0 else {}
-    return tuple(x if s is None else outs[s] for s in sources)
+    # A task alone from the first block reads x itself; its Z entry is
+    # empty (no shared parameter reaches it: a zero gradient at Z, as its
+    # gradient of the shared parameters is).
+    return tuple(jnp.zeros((x.shape[0], 0), x.dtype) if s is None
+                 else outs[s] for s in sources)
 
   def decode_task(self, task, z, x):
-    del x
     src = self._leave(task)
-    h = z[self.z_index(task)]
+    h = x if src is None else z[self.z_index(task)]
     start = 0 if src is None else src[0] + 1
     for l in range(start, len(self.groups)):
       h = self.blocks[l][self._group_of(l, task)](h)
@@ -251,6 +259,8 @@ def widen(model: Branched, layer: int,
            tuple((t,) for t in range(model.num_tasks)))
   clusters = []
   for c in grouping:
+    if not len(c):
+      raise ValueError(f'widen: an empty group in {list(grouping)}.')
     tasks = []
     for b in c:
       b = tuple(sorted(b)) if isinstance(b, (tuple, list)) else (int(b),)
@@ -272,6 +282,7 @@ def widen(model: Branched, layer: int,
   new = nnx.clone(model)
   groups = list(model.groups)
   groups[layer] = _canonical(new_groups)
+  _check_partition(groups[layer], model.num_tasks, f'widen layer {layer}')
   copies = []
   for g in groups[layer]:
     parent = next(i for i, p in enumerate(model.groups[layer])
@@ -406,13 +417,15 @@ def group_branches(ab, alpha: float, branch_cost: float, *,
 
 class FAFSRound(NamedTuple):
   """One widening round: the active ``layer``, the task ``affinity`` it
-  used, the ``branches`` (task sets) at the junction, the ``grouping`` and
-  the resulting ``groups`` of the model."""
+  used, the ``branches`` (task sets) above the layer, ``decisions`` (one
+  :class:`Grouping` per group of the layer with two or more branches above
+  it, in the layer's group order) and the resulting ``groups`` of the
+  model."""
 
   layer: int
   affinity: np.ndarray
   branches: tuple
-  grouping: Grouping
+  decisions: tuple
   groups: tuple
 
 
@@ -449,6 +462,13 @@ def fafs(model: Branched,
   if len(branch_costs) != n:
     raise ValueError(f'branch_costs: one per layer ({n}); got '
                      f'{len(branch_costs)}.')
+  if max_groups is None or np.ndim(max_groups) == 0:
+    caps = [max_groups] * n
+  else:
+    caps = list(max_groups)
+    if len(caps) != n:
+      raise ValueError(f'max_groups: one per layer ({n}) or one for all; got '
+                       f'{len(caps)}.')
   rounds = []
   for r in range(n):
     layer = n - 1 - r
@@ -459,8 +479,7 @@ def fafs(model: Branched,
                        f'{model.num_tasks}; got {affinity.shape}.')
     above = (model.groups[layer + 1] if layer + 1 < n else
              tuple((t,) for t in range(model.num_tasks)))
-    cap = (max_groups[layer] if isinstance(max_groups, Sequence)
-           else max_groups)
+    cap = caps[layer]
     new_groups = []
     decisions = []
     for g in model.groups[layer]:
@@ -475,8 +494,6 @@ def fafs(model: Branched,
       new_groups.extend([[branches[i] for i in c] for c in decision.groups])
     if len(new_groups) > len(model.groups[layer]):
       model = widen(model, layer, new_groups)
-    rounds.append(FAFSRound(
-        layer, affinity, tuple(above),
-        decisions[0] if len(decisions) == 1 else decisions,
-        model.groups))
+    rounds.append(FAFSRound(layer, affinity, tuple(above), tuple(decisions),
+                            model.groups))
   return model, rounds

@@ -28,32 +28,45 @@ feature mode
 
 .. math::
 
-  \\Sigma_1 = \\frac{1}{D_2 K} \\sum W_{abc} (\\Omega_2)_{bb'} (\\Omega_3)_{cc'}
-  W_{a'b'c'} + \\epsilon I_{D_1},
+  S_1 = \\frac{1}{D_2 K} \\sum W_{abc} (\\Omega_2)_{bb'} (\\Omega_3)_{cc'}
+  W_{a'b'c'}, \\qquad
+  \\Sigma_1 = S_1 + \\epsilon \\frac{\\operatorname{tr} S_1}{D_1} I_{D_1},
 
-then ``Sigma_2`` with the new ``Omega_1``, then ``Sigma_3``. A mode's
-estimate has full rank only when its size is at most the product of the
-other two (``D1 <= D2 K``, ...); otherwise ``epsilon`` sets its null space
-(the official last layer, ``256 x 31 x 4``, is such a case). Each precision
-is rescaled to unit trace after its inversion, as the official PyTorch code
-(``thuml/MTlearn``, ``src/model_multi_task.py``) does: the scale of a
-Kronecker product is shared between its factors, so only the product's scale
-(set by ``weight``) is meaningful. That code regularises the last layer only
-(``fc``, ``256 x classes x K``), adds ``R`` with weight 1, uses ``epsilon =
-1e-5``, and re-estimates all three covariances after every step, each from
-the previous two (we use the newest, the paper's alternation); ``every``
-spaces the updates out.
+then ``Sigma_2`` with the new ``Omega_1``, then ``Sigma_3`` (the ridge is
+relative to the estimate's scale, so ``epsilon`` means the same on every
+layer). A mode's estimate has full rank only when its size is at most the
+product of the other two (``D1 <= D2 K``, ...); a mode larger than that
+(the features of a last layer: ``50 x 10 x 2`` on MultiMNIST) would be set
+by the ridge in its null space, where ``W`` has no energy, and its precision
+would put almost all its weight there, switching the prior off. So by
+default only the well-posed modes are re-estimated (``modes='well_posed'``);
+the others keep ``Omega = I``. Each re-estimated precision is rescaled to
+trace ``D_i`` (mean eigenvalue 1): the scale of a Kronecker product is shared
+between its factors, so only the product's scale, set by ``weight``, is
+meaningful, and at the identity start ``R = ||W||^2``.
 
-**Cost** (per regularised layer, ``P = D1 D2 K``): the penalty and its
-gradient are three mode products, ``2 P (D1 + D2 + K)`` flops per step, and
-the state is ``D1^2 + D2^2 + K^2`` floats. A covariance update costs about
-``2 P (D1 + D2 + K)`` flops for the three Gram contractions (each against the
-other two precisions: ``4 P (D1 + D2 + K)``) plus three ``d^3`` inversions,
-``D1^3 + D2^3 + K^3``; :func:`tensor_normal_cost` gives the figures. For the
-official last layer (``256 x 31 x 4``) this is negligible; on a ``4096 x
-4096`` layer one update inverts two ``4096 x 4096`` matrices (about
-``1.4e11`` flops): regularise small layers, or update every few hundred
-steps.
+The official code (``thuml/MTlearn``, ``src/model_multi_task.py``) exists in
+two versions. An early one re-estimates all three covariances after every
+step (each from the previous two, with an absolute ``1e-5`` ridge and no
+``1 / (D2 K)`` factor) and divides each precision by its trace. The later
+one regularises the last layer (``networks[i].module[-1]``) with weight
+``trade_off``, starts from identities, and re-estimates **only the task
+covariance**, every ``cov_update_freq`` iterations, through an SVD that
+thresholds the singular values and caps the trace at 3000; the class and
+feature updates are commented out. ``modes=(2,)`` with ``every=100`` is
+closest to that version.
+
+**Cost** (per regularised layer, ``P = D1 D2 K``): the penalty is three
+mode products, ``v = W x_1 Omega_1 x_2 Omega_2 x_3 Omega_3``, ``2 P (D1 +
+D2 + K)`` flops, and its gradient ``2 v`` comes with it (symmetric
+precisions), plus ``2 P`` for ``<W, v>``; the state is ``D1^2 + D2^2 +
+K^2`` floats. One re-estimation of mode ``i`` costs a contraction against the
+other two precisions and the Gram of the result, ``2 P (D_j + D_k) + 2 P
+D_i`` flops, and a ``D_i x D_i`` inversion, ``~D_i^3``;
+:func:`tensor_normal_cost` gives the figures. For a last layer (``50 x 10 x
+2``, ``256 x 31 x 4``) this is negligible; on a ``4096 x 4096`` layer one
+update of a feature mode inverts a ``4096 x 4096`` matrix (about ``7e10``
+flops): regularise small layers, or update every few hundred steps.
 
 **With the gradient methods.** ``R`` reads only task-specific parameters (the
 decoders), so it changes neither ``Z`` nor any shared gradient: MGDA-UB,
@@ -72,6 +85,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mgda_jax._src.nn import base
@@ -86,6 +100,14 @@ def _check(w):
                      f'(features, outputs, tasks); got shape {w.shape}.')
 
 
+def _contract(w, precisions):
+  """``W x_1 Omega_1 x_2 Omega_2 x_3 Omega_3``."""
+  o1, o2, o3 = precisions
+  v = jnp.einsum('ad,dbc->abc', o1, w)
+  v = jnp.einsum('be,aec->abc', o2, v)
+  return jnp.einsum('cf,abf->abc', o3, v)
+
+
 def tensor_normal_penalty(w: jax.Array, precisions: Precisions) -> jax.Array:
   """``vec(W)^T (Omega_1 kron Omega_2 kron Omega_3) vec(W)`` for ``W`` of
   shape ``(D1, D2, K)``, by three mode products.
@@ -98,57 +120,92 @@ def tensor_normal_penalty(w: jax.Array, precisions: Precisions) -> jax.Array:
     True
   """
   _check(w)
-  o1, o2, o3 = precisions
-  v = jnp.einsum('ad,dbc->abc', o1, w)
-  v = jnp.einsum('be,aec->abc', o2, v)
-  v = jnp.einsum('cf,abf->abc', o3, v)
-  return jnp.vdot(w, v)
+  return jnp.vdot(w, _contract(w, precisions))
+
+
+def tensor_normal_value_and_grad(w: jax.Array, precisions: Precisions):
+  """``(R(W), dR/dW)``: one contraction ``v``, ``R = <W, v>``, ``dR/dW = 2
+  v`` (the precisions are symmetric)."""
+  _check(w)
+  v = _contract(w, precisions)
+  return jnp.vdot(w, v), 2.0 * v
 
 
 def _normalized_inverse(sigma):
+  d = sigma.shape[0]
   omega = jnp.linalg.inv(sigma)
   omega = 0.5 * (omega + omega.T)
-  return omega / jnp.trace(omega)
+  return omega * (d / jnp.trace(omega))
+
+
+MODES = ('features', 'classes', 'tasks')
+
+
+def well_posed_modes(shape: Sequence[int]) -> tuple[int, ...]:
+  """The modes whose size is at most the product of the other two."""
+  d = [int(x) for x in shape]
+  return tuple(i for i in range(3)
+               if d[i] <= int(np.prod([d[j] for j in range(3) if j != i])))
+
+
+def _resolve_modes(modes, shape):
+  if modes == 'well_posed':
+    return well_posed_modes(shape)
+  if modes == 'all':
+    return (0, 1, 2)
+  modes = tuple(sorted({int(m) for m in modes}))
+  if any(m not in (0, 1, 2) for m in modes):
+    raise ValueError("modes must be 'well_posed', 'all' or a subset of (0, "
+                     f'1, 2) (features, classes, tasks); got {modes}.')
+  return modes
 
 
 def tensor_normal_update(w: jax.Array, precisions: Precisions,
-                         eps: float = 1e-5) -> Precisions:
-  """One alternating maximum-likelihood pass over the three covariances.
+                         eps: float = 1e-5,
+                         modes: str | Sequence[int] = 'well_posed'
+                         ) -> Precisions:
+  """One alternating maximum-likelihood pass over the chosen covariances.
 
-  ``Sigma_1 = W_(1) (Omega_2 kron Omega_3) W_(1)^T / (D2 K) + eps I``, then
-  ``Sigma_2`` with the new ``Omega_1``, then ``Sigma_3``; each precision
-  ``Omega_i = Sigma_i^{-1}`` is returned rescaled to unit trace (see the
-  module docstring). ``W`` is treated as a constant (``stop_gradient``).
+  For each mode ``i`` in ``modes`` (features 0, classes 1, tasks 2), in
+  order: ``S_i`` = the mode-``i`` Gram of ``W`` against the other two
+  current precisions, divided by their sizes' product; ``Sigma_i = S_i +
+  eps tr(S_i) / D_i I``; ``Omega_i = Sigma_i^{-1}`` rescaled to trace
+  ``D_i``. Other modes keep their precision. ``W`` is treated as a constant
+  (``stop_gradient``). See the module docstring for ``'well_posed'``.
   """
   _check(w)
   w = jax.lax.stop_gradient(w)
   d1, d2, k = w.shape
-  o1, o2, o3 = precisions
-  s1 = jnp.einsum('abc,bB,cC,ABC->aA', w, o2, o3, w) / (d2 * k)
-  o1 = _normalized_inverse(s1 + eps * jnp.eye(d1, dtype=w.dtype))
-  s2 = jnp.einsum('abc,aA,cC,ABC->bB', w, o1, o3, w) / (d1 * k)
-  o2 = _normalized_inverse(s2 + eps * jnp.eye(d2, dtype=w.dtype))
-  s3 = jnp.einsum('abc,aA,bB,ABC->cC', w, o1, o2, w) / (d1 * d2)
-  o3 = _normalized_inverse(s3 + eps * jnp.eye(k, dtype=w.dtype))
-  return o1, o2, o3
+  om = list(precisions)
+  specs = ('abc,bB,cC,ABC->aA', 'abc,aA,cC,ABC->bB', 'abc,aA,bB,ABC->cC')
+  for i in _resolve_modes(modes, w.shape):
+    others = [om[j] for j in range(3) if j != i]
+    n = (d1 * d2 * k) // w.shape[i]
+    s = jnp.einsum(specs[i], w, *others, w) / n
+    d = w.shape[i]
+    ridge = eps * jnp.trace(s) / d + jnp.finfo(w.dtype).tiny
+    om[i] = _normalized_inverse(s + ridge * jnp.eye(d, dtype=w.dtype))
+  return tuple(om)
 
 
 def tensor_normal_init(shape: Sequence[int], dtype=jnp.float32) -> Precisions:
-  """Unit-trace identity precisions ``I / D`` for a ``(D1, D2, K)`` layer
-  (the official code starts from ``I``; unit trace keeps ``weight``'s meaning
-  the same before and after the first update)."""
-  return tuple(jnp.eye(d, dtype=dtype) / d for d in shape)
+  """Identity precisions for a ``(D1, D2, K)`` layer (the official code's
+  start; trace ``D_i``, as every re-estimated precision)."""
+  return tuple(jnp.eye(d, dtype=dtype) for d in shape)
 
 
-def tensor_normal_cost(shape: Sequence[int]) -> dict:
+def tensor_normal_cost(shape: Sequence[int],
+                       modes: str | Sequence[int] = 'well_posed') -> dict:
   """The prior's cost for one ``(D1, D2, K)`` layer, as counted in the
   module docstring: ``step_flops`` (penalty and gradient, every step),
-  ``update_flops`` (one covariance re-estimation), ``state_floats``."""
-  d1, d2, k = (int(d) for d in shape)
-  p = d1 * d2 * k
-  return {'step_flops': 2 * p * (d1 + d2 + k),
-          'update_flops': 4 * p * (d1 + d2 + k) + d1 ** 3 + d2 ** 3 + k ** 3,
-          'state_floats': d1 * d1 + d2 * d2 + k * k}
+  ``update_flops`` (one re-estimation of ``modes``), ``state_floats``."""
+  d = [int(x) for x in shape]
+  p = d[0] * d[1] * d[2]
+  update = 0
+  for i in _resolve_modes(modes, d):
+    update += 2 * p * (sum(d) - d[i]) + 2 * p * d[i] + d[i] ** 3
+  return {'step_flops': 2 * p * sum(d) + 2 * p, 'update_flops': update,
+          'state_floats': sum(x * x for x in d)}
 
 
 class TensorNormalPriorState(NamedTuple):
@@ -163,33 +220,41 @@ class TensorNormalPriorState(NamedTuple):
 
 def tensor_normal_prior(
     select: Callable[[Any], Sequence[jax.Array]], weight: float = 1.0,
-    every: int = 1, eps: float = 1e-5) -> optax.GradientTransformation:
+    every: int = 1, eps: float = 1e-5,
+    modes: str | Sequence[int] = 'well_posed'
+) -> optax.GradientTransformation:
   """Adds ``weight * grad sum_l R(W_l)`` to the updates; re-estimates the
   covariances every ``every`` steps.
 
   Args:
     select: ``params -> [W_l]``, the regularised layers as ``(D1, D2, K)``
       tensors (differentiable in ``params``); :meth:`MRN.task_weights`.
-    weight: the prior's weight ``lambda`` (1 in the official code).
+    weight: the prior's weight ``lambda`` (the official code's
+      ``trade_off``); must be ``>= 0``.
     every: re-estimate the covariances after every ``every``-th step (static;
-      1 as in the official code). The estimate reads the parameters the
-      update is given (before this step's change: a one-step lag against the
-      official code, which reads them after the optimizer step).
-    eps: the ridge ``epsilon`` added to each covariance before inverting.
+      the official code's ``cov_update_freq``). The estimate reads the
+      parameters the update is given (before this step's change: a one-step
+      lag against the official code, which reads them after the optimizer
+      step).
+    eps: the relative ridge (``epsilon tr(S) / D``).
+    modes: which covariances to re-estimate (:func:`tensor_normal_update`):
+      ``'well_posed'`` (default), ``'all'``, or indices (2: tasks only, the
+      later official code).
 
   Returns:
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
 
   Raises:
-    ValueError: if ``every < 1`` or ``update`` gets no ``params``.
+    ValueError: for ``every < 1``, a negative ``weight`` (a concrete one),
+      unknown ``modes``, or ``update`` without ``params``.
   """
   every = int(every)
   if every < 1:
     raise ValueError(f'every must be a positive integer; got {every}.')
-
-  def total(params, precisions):
-    return sum(tensor_normal_penalty(w, om)
-               for w, om in zip(select(params), precisions))
+  if isinstance(weight, (int, float)) and not weight >= 0:
+    raise ValueError(f'weight must be >= 0; got {weight}.')
+  if modes not in ('well_posed', 'all'):
+    _resolve_modes(modes, (1, 1, 1))
 
   def init_fn(params):
     ws = select(params)
@@ -204,14 +269,18 @@ def tensor_normal_prior(
     if params is None:
       raise ValueError('tensor_normal_prior needs params: pass them to '
                        'update (optax.chain forwards them).')
-    value, grads = jax.value_and_grad(total)(params, state.precisions)
+    ws, pullback = jax.vjp(select, params)
+    pairs = [tensor_normal_value_and_grad(w, om)
+             for w, om in zip(ws, state.precisions)]
+    value = sum(v for v, _ in pairs)
+    grads, = pullback([g for _, g in pairs])
     updates = jax.tree.map(lambda u, g: u + weight * g.astype(u.dtype),
                            updates, grads)
     count = state.count + 1
 
     def refit(precisions):
-      return tuple(tensor_normal_update(w, om, eps)
-                   for w, om in zip(select(params), precisions))
+      return tuple(tensor_normal_update(w, om, eps, modes)
+                   for w, om in zip(ws, precisions))
 
     if every == 1:   # static: no lax.cond (slow on XLA:CPU)
       precisions = refit(state.precisions)
@@ -242,8 +311,9 @@ class MRN(hard_sharing.HardSharing):
     decoders: one module per task (a list or a dict).
     layers: paths inside a decoder, e.g. ``[('kernel',)]`` for a Linear
       decoder or ``[('layers', 2, 'kernel')]`` for the last Linear of an
-      ``nnx.Sequential``; default: the decoder's last parameter named
-      ``kernel`` (the official code's choice, the last layer).
+      ``nnx.Sequential``; default: the decoder's only ``kernel``, or the
+      last layer's of an ``nnx.Sequential`` (the official code's choice);
+      otherwise name it.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -273,10 +343,15 @@ class MRN(hard_sharing.HardSharing):
                       for p, leaf in flat})
     if layers is None:
       names = [p for p in kernels[0] if p and p[-1] == 'kernel']
-      if not names:
-        raise ValueError('MRN: the decoders have no parameter named '
-                         "'kernel'; name the regularised layers with layers=.")
-      layers = [names[-1]]
+      if len(names) > 1 and all(
+          len(p) >= 3 and p[0] == 'layers' and isinstance(p[1], int)
+          for p in names):
+        names = [max(names, key=lambda p: p[1])]   # an nnx.Sequential
+      if len(names) != 1:
+        raise ValueError(
+            "MRN: cannot tell which decoder kernel is the last layer (found "
+            f'{names}); name the regularised layers with layers=.')
+      layers = names
     layers = [tuple(p) for p in layers]
     if not layers:
       raise ValueError('MRN: layers= names no layer to regularise.')
@@ -309,8 +384,9 @@ class MRN(hard_sharing.HardSharing):
       out.append(jnp.stack(ws, axis=-1))
     return out
 
-  def prior(self, weight: float = 1.0, every: int = 1,
-            eps: float = 1e-5) -> optax.GradientTransformation:
+  def prior(self, weight: float = 1.0, every: int = 1, eps: float = 1e-5,
+            modes: str | Sequence[int] = 'well_posed'
+            ) -> optax.GradientTransformation:
     """:func:`tensor_normal_prior` over :meth:`task_weights`."""
-    return tensor_normal_prior(self.task_weights, weight, every, eps)
+    return tensor_normal_prior(self.task_weights, weight, every, eps, modes)
 
