@@ -168,3 +168,25 @@ def test_fafs_search_on_generated_digits(data, monkeypatch):
   json.dumps(out)
   assert fafs.groups_spec(((( 0, 1),), ((0,), (1,)), ((0,), (1,))))  == (
       '01|0,1|0,1')
+
+
+def test_table_from_finished_runs_lists_the_missing(tmp_path):
+  """--table-only: rows from the runs' final.json, Δm against the single
+  task runs, the runs not made yet named."""
+  def write(arch, method, left, right):
+    d = tmp_path / 'runs' / arch / f'{method}-seed0'
+    d.mkdir(parents=True)
+    (d / 'final.json').write_text(json.dumps({
+        'epochs': 10, 'seconds_per_epoch': 5.0, 'test_acc_left': left,
+        'test_acc_right': right}))
+
+  write('single', 'single_task', 0.95, 0.90)
+  write('mrn', 'mgda_ub', 0.96, 0.90)
+  reproduce_architectures.main([
+      '--architectures', 'mrn', '--methods', 'mgda_ub', 'mgda', '--seeds',
+      '0', '--runs', str(tmp_path / 'runs'), '--out', str(tmp_path),
+      '--table-only'])
+  text = (tmp_path / 'ARCHITECTURES.md').read_text()
+  # Δm = -mean((96 - 95) / 95, 0) * 100 = -0.53.
+  assert '| MRN | MGDA-UB (ours) | 96.00 | 90.00 | -0.53 |' in text
+  assert 'Not run yet: mrn/mgda-seed0.' in text

@@ -16,6 +16,7 @@ seconds per epoch. ``branched`` needs ``--groups`` (e.g. from
 """
 
 import argparse
+import json
 import os
 
 from flax import nnx
@@ -60,7 +61,8 @@ def section(results, archs, methods, seeds, epochs, groups, note) -> str:
   acc = spec.metric('acc')
   directions = acc.directions(len(spec.names))
   base = np.mean([[100 * results[('single', 'single_task', s)][
-      f'test_acc_{n}'] for n in spec.names] for s in seeds], axis=0)
+      f'test_acc_{n}'] for n in spec.names] for s in seeds
+                  if ('single', 'single_task', s) in results], axis=0)
   lines = [
       f'## Architectures on MultiMNIST, {epochs} epochs',
       '',
@@ -69,7 +71,8 @@ def section(results, archs, methods, seeds, epochs, groups, note) -> str:
       'parts without dropout (`experiments/multimnist/architectures.py`), the '
       "paper's optimiser (SGD 0.05, momentum 0.9, batch 256). Test accuracy "
       '(%) of the epoch with the best mean validation accuracy, mean ± std '
-      f'over seeds {list(seeds)}. Δm (%) against single-task LeNets of the '
+      f'over the seeds run ({list(seeds)} asked). Δm (%) against single-task '
+      'LeNets of the '
       f'same parts ({base[0]:.2f} / {base[1]:.2f}); lower is better. '
       'Parameters: all / shared in the MGDA sense (reaching both tasks). '
       'Path: MGDA-UB and uniform scaling run on the gradients at each '
@@ -87,20 +90,38 @@ def section(results, archs, methods, seeds, epochs, groups, note) -> str:
   for arch in archs:
     n, shared = counts(arch, groups)
     for method in methods:
-      rs = [results[(arch, method, s)] for s in seeds]
+      rs = [results[(arch, method, s)] for s in seeds
+            if (arch, method, s) in results]
+      if not rs:
+        continue
       v = 100 * np.array([[r[f'test_acc_{t}'] for t in spec.names]
                           for r in rs])
       dm = tasks_lib.delta_m(v.mean(0), base, directions)
       sec = np.median([r['seconds_per_epoch'] for r in rs])
       path = 'parameters' if method == 'mgda' else 'representation'
-      cells = ' | '.join(f'{m:.2f} ± {s:.2f}' for m, s in
-                         zip(v.mean(0), v.std(0)))
+      cells = ' | '.join(f'{m:.2f} ± {s:.2f}' if len(rs) > 1 else f'{m:.2f}'
+                         for m, s in zip(v.mean(0), v.std(0)))
       lines.append(f'| {LABELS.get(arch, arch)} | '
                    f'{multimnist.LABELS.get(method, method)} | {cells} | '
                    f'{dm:+.2f} | {n:,} ({shared:,}) | {path} | {sec:.1f} |')
   lines += ['', 'Seconds per epoch include the first epoch\'s compilation '
             '(median over seeds).', '']
   return '\n'.join(lines) + '\n'
+
+
+def finished(runs, archs, methods, seeds, epochs) -> dict:
+  """The results of the runs whose final.json has ``epochs``."""
+  out = {}
+  for a in ['single'] + list(archs):
+    for m in (['single_task'] if a == 'single' else methods):
+      for s in seeds:
+        path = os.path.join(runs, a, f'{m}-seed{s}', 'final.json')
+        if os.path.exists(path):
+          with open(path) as f:
+            r = json.load(f)
+          if r.get('epochs') == epochs:
+            out[(a, m, s)] = r
+  return out
 
 
 def main(argv=None):
@@ -120,6 +141,9 @@ def main(argv=None):
   p.add_argument('--note', default='')
   p.add_argument('--no-table', action='store_true',
                  help='train only (e.g. one architecture at a time)')
+  p.add_argument('--table-only', action='store_true',
+                 help='no training: the table from the finished runs, the '
+                      'missing ones listed')
   args = p.parse_args(argv)
   archs = list(args.architectures)
   if 'branched' in archs and not args.groups:
@@ -130,6 +154,21 @@ def main(argv=None):
   if bad:
     p.error(f'{bad}: the architecture is set per row (--architectures, '
             '--groups), not with --set')
+  if args.table_only:
+    results = finished(args.runs, archs, args.methods, args.seeds,
+                       args.epochs)
+    missing = [f'{a}/{m}-seed{s}' for a in ['single'] + archs
+               for m in (['single_task'] if a == 'single' else args.methods)
+               for s in args.seeds if (a, m, s) not in results]
+    note = args.note + (f' Not run yet: {", ".join(missing)}.'
+                        if missing else '')
+    os.makedirs(args.out, exist_ok=True)
+    multimnist.update_results(
+        os.path.join(args.out, 'ARCHITECTURES.md'),
+        f'architectures:{args.epochs}-epochs',
+        section(results, archs, args.methods, args.seeds, args.epochs,
+                args.groups, note.strip()))
+    return results
   results = {}
   single = dict(overrides, **{'architecture.name': 'hard_sharing'})
   for (m, s), r in reproduce.run_all(
