@@ -16,7 +16,7 @@ DATA_SET := $(if $(MNIST_DIR),--set data.mnist_dir=$(MNIST_DIR),)
 EPOCHS ?= 10
 SEEDS ?= 0 1 2
 
-.PHONY: train test bench bench-peers reproduce-multimnist check-multimnist venv clean
+.PHONY: train test bench bench-peers reproduce-multimnist reproduce-architectures check-multimnist venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,14 @@ METHODS ?=
 reproduce-multimnist: $(VENV)/.stamp-experiments
 	$(PY) -m experiments.multimnist.reproduce --epochs $(EPOCHS) \
 	  --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS),) $(DATA_SET) $(ARGS)
+
+# Architectures x {uniform, MGDA-UB, full MGDA} -> docs/ARCHITECTURES.md
+# (resumable); the FAFS tree found by python -m experiments.multimnist.fafs.
+FAFS_GROUPS ?= 01|0,1|0,1
+ARCH_SEEDS ?= 0 1
+reproduce-architectures: $(VENV)/.stamp-experiments
+	$(PY) -m experiments.multimnist.reproduce_architectures --epochs $(EPOCHS) \
+	  --seeds $(ARCH_SEEDS) --groups '$(FAFS_GROUPS)' $(DATA_SET) $(ARGS)
 
 # Short real-data check (CI): 2 epochs of MGDA-UB must reach the stated
 # accuracy on both digits.
