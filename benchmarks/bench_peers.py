@@ -43,6 +43,7 @@ from torchjd import aggregation as tjd_agg
 
 import mgda_jax
 from benchmarks import bench_solver
+from benchmarks.peer_worker import median_time
 
 
 def _version(dist):
@@ -51,17 +52,6 @@ def _version(dist):
     return metadata.version(dist)
   except metadata.PackageNotFoundError:
     return '?'
-
-
-def median_time(fn, repeats, warmup=2):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def correlated(rng, k, dim=1000):

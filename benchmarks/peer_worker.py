@@ -19,16 +19,23 @@ import numpy as np
 CLASSES = {2: 10, 40: 2}
 
 
+def median_time(fn, repeats, warmup=2) -> float:
+  """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup``."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def reference_seconds(repeats: int = 30, n: int = 384) -> float:
   """Median time of a fixed numpy matmul: how busy the machine is."""
   rng = np.random.default_rng(0)
   a = rng.normal(size=(n, n)).astype(np.float32)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    a @ a
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return median_time(lambda: a @ a, repeats, warmup=0)
 
 
 def jax_steps(k, repeats):
@@ -40,17 +47,8 @@ def jax_steps(k, repeats):
 
 def torch_steps(k, repeats):
   from benchmarks import peers_torch  # pylint: disable=g-import-not-at-top
-  out = {}
-  for name, fn in peers_torch.torch_steps(k, CLASSES[k]).items():
-    for _ in range(2):
-      fn()
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - t0)
-    out[name] = float(np.median(times))
-  return out
+  return {name: median_time(fn, repeats)
+          for name, fn in peers_torch.torch_steps(k, CLASSES[k]).items()}
 
 
 def main(argv=None):

@@ -183,9 +183,7 @@ def functional(model: mnn.MTLArchitecture):
 
 def eval_metrics(graphdef, params, x, y):
   """NLL and accuracy sums per task."""
-  logits = stacked(nnx.merge(graphdef, params)(x))
-  return {'loss': models.nll_per_task(logits, y) * x.shape[0],
-          'acc': jnp.sum(jnp.argmax(logits, -1) == y.T, axis=1)}
+  return models.metric_sums(stacked(nnx.merge(graphdef, params)(x)), y)
 
 
 def shared_mask(config, task_names):

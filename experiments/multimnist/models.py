@@ -114,6 +114,12 @@ def nll_per_task(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.mean(picked, axis=1)
 
 
+def metric_sums(logits: jax.Array, labels: jax.Array) -> dict:
+  """NLL and accuracy sums per task over a batch: ``(K, B, C), (B, K)``."""
+  return {'loss': nll_per_task(logits, labels) * labels.shape[0],
+          'acc': jnp.sum(jnp.argmax(logits, -1) == labels.T, axis=1)}
+
+
 def functional(model: MultiLeNet):
   """Pure functions of ``params`` for the library's helpers.
 

@@ -44,9 +44,7 @@ def make_model(config, task_names, rngs):
 
 def eval_metrics(graphdef, params, x, y):
   """NLL and accuracy sums per task, dropout off."""
-  logits = nnx.merge(graphdef, params)(x, train=False)  # (K, B, C)
-  return {'loss': models.nll_per_task(logits, y) * x.shape[0],
-          'acc': jnp.sum(jnp.argmax(logits, -1) == y.T, axis=1)}
+  return models.metric_sums(nnx.merge(graphdef, params)(x, train=False), y)
 
 
 def kpis(logits, labels):
