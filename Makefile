@@ -44,6 +44,7 @@ bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_tag
 	$(PY) -m benchmarks.bench_dense --time
 	$(PY) -m benchmarks.bench_nn
+	$(PY) -m benchmarks.bench_nn --parts multimnist
 
 # Against the PyTorch peers (TorchJD, the paper's PyTorch way); not part of
 # the tests. A separate environment: torch pinned to 2.13.0, which installs a

@@ -12,9 +12,15 @@ round-robin after compilation (median of ``--repeats``):
   pullback) into ``mgda_jax.mgda_ub``.
 
 The ratio shows whether a multi-tensor or per-task representation keeps
-MGDA-UB near uniform's cost, as it is for hard sharing.
+MGDA-UB near uniform's cost, as it is for hard sharing. The MLP steps take
+milliseconds, so MGDA-UB's fixed cost per step (the Gram matrix and the
+Frank-Wolfe loop) shows in them; ``--parts multimnist`` times instead the
+architectures of the MultiMNIST table (``experiments/multimnist/
+architectures.py``: LeNet parts, 28x28 inputs, batch 256, K = 2), the
+steps the table trains.
 
     python -m benchmarks.bench_nn [--tasks 2] [--repeats 20]
+    python -m benchmarks.bench_nn --parts multimnist
 """
 
 import argparse
@@ -88,6 +94,22 @@ def architectures(k):
   }
 
 
+def multimnist_architectures(k=2):
+  """The MultiMNIST table's architectures (K = 2: the FAFS tree's groups
+  are those of docs/ARCHITECTURES.md)."""
+  from experiments.multimnist import architectures as lenet  # pylint: disable=g-import-not-at-top
+  from experiments.multimnist.configs import default  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in lenet.NAMES[1:]:
+    c = default.get_config()
+    c.architecture.name = name
+    if name == 'branched':
+      c.architecture.groups = '01|0,1|0,1'
+    model = lenet.build(c, [f'task{t}' for t in range(k)], nnx.Rngs(0))
+    out[name] = (model, (B, 28, 28, 1))
+  return out
+
+
 def loss_fn(outputs, y):
   outs = list(outputs.values()) if isinstance(outputs, dict) else outputs
   return jnp.stack([
@@ -132,14 +154,23 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--tasks', type=int, nargs='+', default=[2, 10])
   p.add_argument('--repeats', type=int, default=20)
+  p.add_argument('--parts', choices=['mlp', 'multimnist'], default='mlp',
+                 help="'mlp': MLP parts (784-100-100, MTAN a small conv "
+                      "net), K from --tasks; 'multimnist': the MultiMNIST "
+                      'table\'s LeNet-part architectures, K = 2')
   args = p.parse_args(argv)
   print(f'# bench_nn: {platform.machine()}, {os.cpu_count()} CPUs, '
-        f'{jax.devices()[0].platform}; jax {jax.__version__}; batch {B}')
+        f'{jax.devices()[0].platform}; jax {jax.__version__}; batch {B}; '
+        f'{args.parts} parts')
+  if args.parts == 'multimnist':
+    args.tasks = [2]
   print('| architecture | K | uniform (ms) | MGDA-UB (ms) | MGDA-UB / '
         'uniform |')
   print('| --- | ---: | ---: | ---: | ---: |')
   for k in args.tasks:
-    for name, (model, shape) in architectures(k).items():
+    archs = (multimnist_architectures(k) if args.parts == 'multimnist'
+             else architectures(k))
+    for name, (model, shape) in archs.items():
       fns = steps(model, shape, k)
       for f, a in fns.values():
         jax.block_until_ready(f(*a))

@@ -105,9 +105,10 @@ def test_an_epoch_is_the_documented_loop_on_every_architecture(arch, method,
   np.testing.assert_allclose(got['test_acc'], acc, atol=1.5 / 120)
 
 
-def test_task_losses_take_z_plain_or_replicated(data):
-  """task_losses takes Z as encode gives it (parameter path) or replicated
-  (representation path); both give the losses of the whole model."""
+def test_task_losses_take_z_plain_or_copied(data):
+  """task_losses takes Z as encode gives it (parameter path) or as a tuple
+  of K copies (representation path, z_copies='tuple'); both give the losses
+  of the whole model."""
   c = arch_cfg('mtan')
   exp = train.experiment_for(c)
   model = exp.make_model(c, train.TASKS.names, nnx.Rngs(0))
@@ -116,8 +117,8 @@ def test_task_losses_take_z_plain_or_replicated(data):
   y = jnp.asarray(data.train[1][:4])
   z = encode(params, x, y, None)
   plain, _ = task_losses(params, z, x, y, None)
-  rep, _ = task_losses(params, jax.tree.map(lambda l: jnp.stack([l, l]), z),
-                       x, y, None)
+  assert exp.z_copies == 'tuple'
+  rep, _ = task_losses(params, (z, z), x, y, None)
   want = architectures.loss_fn(model(x), y, None)
   np.testing.assert_allclose(plain, want, rtol=1e-6)
   np.testing.assert_allclose(rep, want, rtol=1e-6)

@@ -1080,10 +1080,14 @@ def test_clear_errors():
     mnn.Sluice([dense(D, 5)], heads(2, 5), rngs=nnx.Rngs(0))(
         jnp.ones((2, D)))
   _, fns, x, ys, _ = setup('hard_sharing')
-  with pytest.raises(ValueError, match='leading task axis'):
+  with pytest.raises(ValueError, match='a tuple of 2 copies of Z'):
     mgda_jax.representation_grads(fns.encode, fns.task_losses, fns.params,
                                   fns.state, x, ys, has_aux=True,
                                   encoder_has_aux=True)
+  with pytest.raises(ValueError, match='a tuple of 2 copies of Z'):
+    mgda_jax.representation_grads(fns.encode, fns.task_losses, fns.params,
+                                  fns.state, x, ys, has_aux=True,
+                                  encoder_has_aux=True, per_task_z=2)
 
 
 def test_import_mgda_jax_does_not_import_flax():

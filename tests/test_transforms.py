@@ -312,3 +312,34 @@ def test_per_task_z_gives_the_same_gradients_in_one_backward_pass():
     mgda_jax.representation_grads(
         encode, lambda p, zs, x, y: heads_per_task(p, zs, x, y)[:2], params,
         x, y, per_task_z=K)
+
+
+def test_z_copies_tuple_gives_the_gradients_of_jacrev():
+  """z_copies='tuple': head t reads copy t of a tuple; the per-task
+  gradients at Z, the heads' gradients and any weighted combination are
+  jax.jacrev's, and a stray z_copies is an error."""
+  params, (x, y) = make_problem(4)
+
+  def heads_loop(params, zs, x, y):  # zs: a tuple of K copies of Z
+    del x
+    p = params['heads']
+    assert isinstance(zs, tuple) and len(zs) == K
+    return jnp.stack([jnp.mean(jnp.sum(
+        (zs[t] @ p['w'][t] + p['b'][t] - y[t]) ** 2, -1)) for t in range(K)])
+
+  losses, ref = mgda_jax.representation_grads(encode, heads, params, x, y)
+  losses2, fast = mgda_jax.representation_grads(
+      encode, heads_loop, params, x, y, per_task_z=K, z_copies='tuple')
+  np.testing.assert_allclose(losses2, losses, rtol=1e-6)
+  z = encode(params, x, y)
+  dz = jax.jacrev(lambda z: heads(params, z, x, y))(z)
+  np.testing.assert_allclose(fast.rep_grads, dz, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(fast.head_grads, ref.head_grads, rtol=1e-5,
+                              atol=1e-6)
+  w = jnp.array([0.2, 1.5, -0.7])
+  want = jax.grad(lambda p: jnp.dot(w, all_losses(p, x, y)))(params)
+  chex.assert_trees_all_close(fast.weighted_grads(w), want, rtol=1e-5,
+                              atol=1e-6)
+  with pytest.raises(ValueError, match="z_copies must be one of"):
+    mgda_jax.representation_grads(encode, heads_loop, params, x, y,
+                                  per_task_z=K, z_copies='list')

@@ -69,8 +69,9 @@ class Experiment:
     make_model: ``(config, task_names, rngs) -> nnx.Module``.
     functional: ``model -> (graphdef, params, encode, task_losses)`` with
       ``encode(params, x, labels, key) -> Z`` and ``task_losses(params, z,
-      x, labels, key) -> (losses (K,), outputs)``; with a per-task ``Z``
-      (``(K, ...)``) head ``t`` must read only ``Z[t]``.
+      x, labels, key) -> (losses (K,), outputs)``; given ``K`` copies of
+      ``Z`` (the representation path: see ``z_copies``) head ``t`` must read
+      only copy ``t``.
     eval_metrics: ``(graphdef, params, x, labels) -> {name: sums over the
       batch}``, in evaluation mode: each metric of the spec as a ``(K,)``
       sum, or any accumulators ``reduce_metrics`` turns into them.
@@ -100,6 +101,11 @@ class Experiment:
       intersections and unions); the default divides each sum by ``n``.
       A metric that does not apply to a task is NaN there (null in the
       records).
+    z_copies: how ``task_losses`` receives the copies of ``Z`` on the
+      representation path (``mgda_jax.representation_grads``' argument):
+      ``'stacked'`` (every leaf ``(K, ...)``, for heads ``vmap``-ed over
+      tasks, the default) or ``'tuple'`` (``K`` pytrees, for heads written
+      as a loop over tasks, e.g. the ``mgda_jax.nn`` architectures).
   """
 
   name: str
@@ -121,6 +127,7 @@ class Experiment:
       lambda sums, n, names: {k: v / n for k, v in sums.items()})
   regularizer: Callable[[config_dict.ConfigDict, Any], Any] = (
       lambda config, model: None)
+  z_copies: str = 'stacked'
 
 
 def split_model(experiment: Experiment, model):
@@ -234,7 +241,8 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
     if method.grad_kind == 'representation':
       losses, grads, model_state = mgda_jax.representation_grads(
           encode, task_losses, params, x, labels, key, has_aux=True,
-          per_task_z=num_tasks, encoder_has_aux=True)
+          per_task_z=num_tasks, z_copies=experiment.z_copies,
+          encoder_has_aux=True)
     else:
       def with_state(params, x, labels, key):
         z, new_state = encode(params, x, labels, key)

@@ -157,8 +157,9 @@ def functional(model: mnn.MTLArchitecture):
   """The framework's ``(graphdef, params, encode, task_losses)`` from
   :func:`mgda_jax.nn.functional` (stateless models: LayerNorm, no
   BatchNorm). ``task_losses`` takes ``Z`` as ``encode`` gives it (the
-  parameter path) or replicated on a leading task axis (the representation
-  path), told apart by the shapes while tracing."""
+  parameter path) or a tuple of ``K`` copies (the representation path, with
+  ``z_copies='tuple'``), told apart by the tree structure while
+  tracing."""
   per_task = mnn.functional(model, loss_fn, per_task_z=True)
   plain = mnn.functional(model, loss_fn, per_task_z=False)
   if jax.tree.leaves(per_task.state):
@@ -172,9 +173,8 @@ def functional(model: mnn.MTLArchitecture):
 
   def task_losses(params, z, x, labels, key):
     own = jax.eval_shape(lambda: encode(params, x, labels, key))
-    same = [a.shape == b.shape for a, b in zip(jax.tree.leaves(own),
-                                                jax.tree.leaves(z))]
-    fns = plain if all(same) else per_task
+    fns = (plain if jax.tree.structure(own) == jax.tree.structure(z)
+           else per_task)
     losses, (outputs, _) = fns.task_losses(params, z, state, x, labels, key)
     return losses, stacked(outputs)
 

@@ -118,6 +118,7 @@ def experiment_for(config) -> trainer.Experiment:
       make_model=lambda config, task_names, rngs: architectures.build(
           config, task_names, rngs),
       functional=architectures.functional,
+      z_copies='tuple',
       eval_metrics=architectures.eval_metrics,
       shared=architectures.shared_mask(config, names),
       regularizer=architectures.regularizer)

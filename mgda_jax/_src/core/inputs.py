@@ -79,6 +79,15 @@ def _heads_pullback_per_task(heads_vjp, template, weights):
   return jax.tree.map(lambda c: jnp.sum(c, axis=0), z_copies), head_grads
 
 
+def _heads_pullback_tuple(heads_vjp, template, weights):
+  copies, head_grads = heads_vjp(
+      jnp.asarray(weights).astype(template.dtype) + template)
+  return jax.tree.map(lambda *c: sum(c[1:], c[0]), *copies), head_grads
+
+
+Z_COPIES = ('stacked', 'tuple')
+
+
 def check_losses_output(losses, fn_name: str, has_aux: bool):
   """A clear error unless ``losses`` is a ``(K,)`` floating array, K >= 1."""
   hint_aux = (' If it returns (losses, aux), pass has_aux=True.'
@@ -108,7 +117,8 @@ def representation_grads(encoder_fn: Callable[..., Any],
                          heads_fn: Callable[..., Any], params, *args,
                          has_aux: bool = False,
                          encoder_has_aux: bool = False,
-                         per_task_z: int | None = None):
+                         per_task_z: int | None = None,
+                         z_copies: str = 'stacked'):
   """One forward pass, per-task gradients at ``Z``, and the encoder's VJP.
 
   Args:
@@ -133,6 +143,16 @@ def representation_grads(encoder_fn: Callable[..., Any],
       passes, which dominates the step for many small heads (e.g. 40; see
       ``BENCHMARKS.md``). A head that reads another task's copy makes the
       result wrong, silently.
+    z_copies: how ``heads_fn`` receives the copies under ``per_task_z``.
+      ``'stacked'`` (the default): every leaf ``(K, *leaf.shape)``, for
+      heads ``vmap``-ed over the task axis, which read all copies in one
+      batched op. ``'tuple'``: a tuple of ``K`` pytrees shaped like ``Z``,
+      head ``t`` reading ``z[t]``, for heads written as a loop over tasks
+      (e.g. :mod:`mgda_jax.nn`). A loop's ``K`` reads ``l[t]`` of a stacked
+      leaf transpose to ``K`` zero-padded ``(K, ...)`` cotangents, ``K^2``
+      times the size of ``Z`` in memory traffic (6x a summed-loss backward
+      at ``K = 10``, ``BENCHMARKS.md``); a tuple's reads transpose to the
+      ``K`` cotangents themselves.
 
   Returns:
     ``(losses, grads)`` where ``grads`` is a :class:`RepresentationGrads`;
@@ -141,7 +161,8 @@ def representation_grads(encoder_fn: Callable[..., Any],
 
   Raises:
     ValueError: if the losses are not a ``(K,)`` floating array (a dict, a
-      list, or a tuple without ``has_aux`` get a message saying what to do).
+      list, or a tuple without ``has_aux`` get a message saying what to do),
+      if ``per_task_z`` is not their ``K``, or for an unknown ``z_copies``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -154,13 +175,17 @@ def representation_grads(encoder_fn: Callable[..., Any],
     >>> losses.shape, grads.rep_grads.shape                      # (K,), (K, B, D)
     ((2,), (2, 5, 4))
   """
+  if z_copies not in Z_COPIES:
+    raise ValueError(f'z_copies must be one of {Z_COPIES}; got {z_copies!r}.')
   if encoder_has_aux:
     z, enc_vjp, enc_aux = jax.vjp(lambda p: encoder_fn(p, *args), params,
                                   has_aux=True)
   else:
     z, enc_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
 
-  if per_task_z is not None:
+  if per_task_z is not None and z_copies == 'tuple':
+    z_arg = (z,) * per_task_z
+  elif per_task_z is not None:
     z_arg = jax.tree.map(
         lambda l: jnp.broadcast_to(l, (per_task_z,) + jnp.shape(l)), z)
   else:
@@ -189,6 +214,8 @@ def representation_grads(encoder_fn: Callable[..., Any],
                        'losses.')
     # One backward pass: the gradient w.r.t. copy t is dL_t/dZ.
     rep_grads, head_grads = heads_vjp(ones)
+    if z_copies == 'tuple':
+      rep_grads = jax.tree.map(lambda *c: jnp.stack(c), *rep_grads)
   else:
     # K backward passes through the heads, one per task.
     eye = jnp.eye(k, dtype=losses.dtype) + template
@@ -200,6 +227,7 @@ def representation_grads(encoder_fn: Callable[..., Any],
       head_grads=head_grads,
       heads_pullback=jax.tree_util.Partial(
           _heads_pullback_shared if per_task_z is None
+          else _heads_pullback_tuple if z_copies == 'tuple'
           else _heads_pullback_per_task, heads_vjp, template))
   first = (losses, aux) if has_aux else losses
   if encoder_has_aux:

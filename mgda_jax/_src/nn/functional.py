@@ -34,7 +34,8 @@ class Functional(NamedTuple):
       ``encoder_has_aux=True``; it reads only shared parameters.
     task_losses: ``task_losses(params, z, state, x, *batch) -> (losses,
       (outputs, new_state))``: its ``heads_fn`` with ``has_aux=True`` (and
-      ``per_task_z=per_task_z``); it reads only task-specific parameters.
+      ``per_task_z=per_task_z, z_copies='tuple'``); it reads only
+      task-specific parameters.
     losses: ``losses(params, state, x, *batch) -> (losses, (outputs,
       new_state))``: the ``loss_fn`` of :func:`mgda_jax.per_task_grads`
       with ``has_aux=True``.
@@ -43,12 +44,17 @@ class Functional(NamedTuple):
     merge_state: ``(encoder_state, heads_state) -> state``: the shared
       variables from the first, the task-specific ones from the second.
     num_tasks: ``K``.
-    per_task_z: ``K`` if ``task_losses`` expects ``Z`` replicated on a
-      leading task axis (head ``t`` reads only copy ``t``: one backward pass
-      through the heads gives every ``dL_t/dZ``), else None. Pass it on as
-      ``representation_grads(..., per_task_z=fns.per_task_z)``.
+    per_task_z: ``K`` if ``task_losses`` expects ``K`` copies of ``Z``, a
+      tuple (head ``t`` reads only copy ``t``: one backward pass through the
+      heads gives every ``dL_t/dZ``), else None. Pass it on as
+      ``representation_grads(..., per_task_z=fns.per_task_z,
+      z_copies=fns.z_copies)``.
     representation: whether the representation path is exact for this
       model (``model.supports_representation``).
+    z_copies: ``'tuple'``, the layout of the copies (see
+      :func:`mgda_jax.representation_grads`): the heads are a loop over
+      tasks, for which stacked copies would cost ``K^2`` times ``Z`` in
+      their backward pass.
   """
 
   graphdef: Any
@@ -62,6 +68,7 @@ class Functional(NamedTuple):
   num_tasks: int
   per_task_z: int | None
   representation: bool
+  z_copies: str = 'tuple'
 
 
 def functional(model: base.MTLArchitecture,
@@ -131,14 +138,13 @@ def functional(model: base.MTLArchitecture,
   def task_losses(params, z, state, x, *batch):
     m = nnx.merge(graphdef, params, state)
     if per_task_z:
-      for leaf in jax.tree.leaves(z):
-        if leaf.shape[:1] != (k,):
-          raise ValueError(
-              'task_losses expects Z replicated on a leading task axis of '
-              f'size {k} (representation_grads(..., per_task_z='
-              f'{k})); got a leaf of shape {leaf.shape}.')
-      outs = [m.decode_task(t, jax.tree.map(lambda l, t=t: l[t], z), x)
-              for t in range(k)]
+      if not isinstance(z, tuple) or len(z) != k:
+        raise ValueError(
+            f'task_losses expects a tuple of {k} copies of Z '
+            f"(representation_grads(..., per_task_z={k}, z_copies='tuple'))"
+            f'; got {type(z).__name__}'
+            + (f' of length {len(z)}.' if isinstance(z, tuple) else '.'))
+      outs = [m.decode_task(t, z[t], x) for t in range(k)]
     else:
       outs = [m.decode_task(t, z, x) for t in range(k)]
     outputs = m.pack(outs)
@@ -188,7 +194,8 @@ def task_gradients(fns: Functional, kind: str, params, state, x, *batch):
     (losses, (outputs, head_state)), grads, enc_state = (
         inputs_lib.representation_grads(
             fns.encode, fns.task_losses, params, state, x, *batch,
-            has_aux=True, encoder_has_aux=True, per_task_z=fns.per_task_z))
+            has_aux=True, encoder_has_aux=True, per_task_z=fns.per_task_z,
+            z_copies=fns.z_copies))
     return losses, grads, fns.merge_state(enc_state, head_state), outputs
   if kind == PER_TASK:
     (losses, (outputs, new_state)), grads = inputs_lib.per_task_grads(
