@@ -32,10 +32,15 @@ venv: $(VENV)/.stamp-experiments+test
 train: $(VENV)/.stamp-experiments
 	$(PY) -m experiments.multimnist --config.epochs=$(EPOCHS) $(DATA_ARGS) $(ARGS)
 
-# Two pytest workers (one file per worker: the multi-device script runs once).
+# Two pytest workers, tests spread one by one except the groups that share an
+# expensive module fixture (the multi-device script, the TAG protocol run),
+# and a persistent compilation cache (fresh on a fresh clone), so identical
+# programs built by different tests compile once.
 TEST_WORKERS ?= 2
 test: $(VENV)/.stamp-experiments+test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax-tests \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_solver --variants --scaling $(ARGS)
@@ -83,4 +88,4 @@ check-multimnist: $(VENV)/.stamp-experiments
 	$(PY) -m experiments.multimnist.check $(if $(MNIST_DIR),--mnist-dir $(MNIST_DIR),)
 
 clean:
-	rm -rf $(VENV) $(PEERS) build *.egg-info
+	rm -rf $(VENV) $(PEERS) build *.egg-info .cache
