@@ -42,7 +42,6 @@ def _cases():
           for kind in s.inputs]
 
 
-@pytest.mark.xdist_group('multidevice_report')  # one worker runs the script
 @pytest.mark.parametrize('mode', MODES)
 def test_every_method_is_exact_in_every_data_parallel_mode(report, mode):
   """One step on 8 devices equals the one-device step on the whole batch.

@@ -72,7 +72,6 @@ def fixture_report(tmp_path_factory):
   return report, workdir, config, data
 
 
-@pytest.mark.xdist_group('tag_report')  # one worker trains the protocol
 def test_protocol_report_is_consistent(report):
   report, workdir, config, _ = report
   names = ['left', 'sum_ge10']
@@ -123,7 +122,6 @@ def test_protocol_report_is_consistent(report):
   assert rec['affinity_steps'] == config.max_train_examples // 32
 
 
-@pytest.mark.xdist_group('tag_report')  # one worker trains the protocol
 def test_protocol_resumes_without_training_again(report):
   report, workdir, config, data = report
   messages = []
@@ -132,7 +130,6 @@ def test_protocol_resumes_without_training_again(report):
   assert again['results'] == report['results']
 
 
-@pytest.mark.xdist_group('tag_report')  # one worker trains the protocol
 def test_table_and_heatmap(report, tmp_path):
   report = report[0]
   text = protocol.table(report)
