@@ -287,6 +287,21 @@ def test_mgda_bad_input():
         params)
 
 
+def assert_one_pass_is_jacrev(params, x, y, heads_fn, **kwargs):
+  """``per_task_z=K``: the losses, the per-task gradients at Z against
+  ``jax.jacrev`` and the heads' gradients against the default path."""
+  losses, ref = mgda_jax.representation_grads(encode, heads, params, x, y)
+  losses2, fast = mgda_jax.representation_grads(
+      encode, heads_fn, params, x, y, per_task_z=K, **kwargs)
+  np.testing.assert_allclose(losses2, losses, rtol=1e-6)
+  z = encode(params, x, y)
+  dz = jax.jacrev(lambda z: heads(params, z, x, y))(z)
+  np.testing.assert_allclose(fast.rep_grads, dz, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(fast.head_grads, ref.head_grads, rtol=1e-5,
+                              atol=1e-6)
+  return fast
+
+
 def test_per_task_z_gives_the_same_gradients_in_one_backward_pass():
   params, (x, y) = make_problem(4)
 
@@ -296,15 +311,7 @@ def test_per_task_z_gives_the_same_gradients_in_one_backward_pass():
     pred = jnp.einsum('kbd,kdo->kbo', zs, p['w']) + p['b'][:, None]
     return jnp.mean(jnp.sum((pred - y) ** 2, -1), -1)
 
-  losses, ref = mgda_jax.representation_grads(encode, heads, params, x, y)
-  losses2, fast = mgda_jax.representation_grads(encode, heads_per_task,
-                                                params, x, y, per_task_z=K)
-  np.testing.assert_allclose(losses2, losses, rtol=1e-6)
-  z = encode(params, x, y)
-  dz = jax.jacrev(lambda z: heads(params, z, x, y))(z)
-  np.testing.assert_allclose(fast.rep_grads, dz, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(fast.head_grads, ref.head_grads, rtol=1e-5,
-                              atol=1e-6)
+  assert_one_pass_is_jacrev(params, x, y, heads_per_task)
   # (rep_grads and head_grads are all mgda_ub reads besides the pullback,
   # which both paths share, so the updates agree up to the solver's
   # tolerance.)
@@ -327,15 +334,8 @@ def test_z_copies_tuple_gives_the_gradients_of_jacrev():
     return jnp.stack([jnp.mean(jnp.sum(
         (zs[t] @ p['w'][t] + p['b'][t] - y[t]) ** 2, -1)) for t in range(K)])
 
-  losses, ref = mgda_jax.representation_grads(encode, heads, params, x, y)
-  losses2, fast = mgda_jax.representation_grads(
-      encode, heads_loop, params, x, y, per_task_z=K, z_copies='tuple')
-  np.testing.assert_allclose(losses2, losses, rtol=1e-6)
-  z = encode(params, x, y)
-  dz = jax.jacrev(lambda z: heads(params, z, x, y))(z)
-  np.testing.assert_allclose(fast.rep_grads, dz, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(fast.head_grads, ref.head_grads, rtol=1e-5,
-                              atol=1e-6)
+  fast = assert_one_pass_is_jacrev(params, x, y, heads_loop,
+                                   z_copies='tuple')
   w = jnp.array([0.2, 1.5, -0.7])
   want = jax.grad(lambda p: jnp.dot(w, all_losses(p, x, y)))(params)
   chex.assert_trees_all_close(fast.weighted_grads(w), want, rtol=1e-5,
