@@ -343,3 +343,6 @@ def test_z_copies_tuple_gives_the_gradients_of_jacrev():
   with pytest.raises(ValueError, match="z_copies must be one of"):
     mgda_jax.representation_grads(encode, heads_loop, params, x, y,
                                   per_task_z=K, z_copies='list')
+  with pytest.raises(ValueError, match='pass per_task_z=K too'):
+    mgda_jax.representation_grads(encode, heads_loop, params, x, y,
+                                  z_copies='tuple')

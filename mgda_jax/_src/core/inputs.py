@@ -162,7 +162,8 @@ def representation_grads(encoder_fn: Callable[..., Any],
   Raises:
     ValueError: if the losses are not a ``(K,)`` floating array (a dict, a
       list, or a tuple without ``has_aux`` get a message saying what to do),
-      if ``per_task_z`` is not their ``K``, or for an unknown ``z_copies``.
+      if ``per_task_z`` is not their ``K``, for an unknown ``z_copies``, or
+      for ``z_copies='tuple'`` without ``per_task_z``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -177,6 +178,10 @@ def representation_grads(encoder_fn: Callable[..., Any],
   """
   if z_copies not in Z_COPIES:
     raise ValueError(f'z_copies must be one of {Z_COPIES}; got {z_copies!r}.')
+  if z_copies != 'stacked' and per_task_z is None:
+    raise ValueError(f"z_copies={z_copies!r} lays out the copies of "
+                     'per_task_z, which is None (heads_fn would get Z itself)'
+                     '; pass per_task_z=K too.')
   if encoder_has_aux:
     z, enc_vjp, enc_aux = jax.vjp(lambda p: encoder_fn(p, *args), params,
                                   has_aux=True)
