@@ -382,8 +382,7 @@ def _fw_gap(alpha, g_alpha):
   return f, 2.0 * (f - jnp.min(g_alpha))
 
 
-def _step(gram: jax.Array, root_diag: jax.Array, carry: _Carry,
-          method: str) -> _Carry:
+def _step(gram: jax.Array, carry: _Carry, method: str) -> _Carry:
   """One Frank-Wolfe iteration of the chosen variant.
 
   ``G alpha``, ``f`` and the support scale ``alpha . sqrt(diag G)`` are
@@ -402,7 +401,9 @@ def _step(gram: jax.Array, root_diag: jax.Array, carry: _Carry,
   t_fw = line_search(fw_slope, fw_curv, 1.0)
   alpha_fw = alpha + t_fw * (e_s - alpha)
   g_alpha_fw = g_alpha + t_fw * (g_s - g_alpha)
-  sup, r_s = carry.support, root_diag[s]
+  # sqrt(G_ss) from the row already gathered (a gather under vmap costs
+  # more than a square root).
+  sup, r_s = carry.support, jnp.sqrt(jnp.maximum(g_s[s], 0.0))
   sup_fw = sup + t_fw * (r_s - sup)
   if method == 'frank_wolfe':
     new_alpha, new_g_alpha, new_sup = alpha_fw, g_alpha_fw, sup_fw
@@ -422,7 +423,7 @@ def _step(gram: jax.Array, root_diag: jax.Array, carry: _Carry,
       new_alpha = jnp.where((t >= a_v) & (e_v > 0), 0.0, new_alpha)
       new_alpha = jnp.maximum(new_alpha, 0.0)
       new_g_alpha = g_alpha + t * (g_s - g_v)
-      new_sup = sup + t * (r_s - root_diag[v])
+      new_sup = sup + t * (r_s - jnp.sqrt(jnp.maximum(g_v[v], 0.0)))
     else:  # away_steps
       # alpha + t (alpha - e_v), t in [0, alpha_v / (1 - alpha_v)].
       t_max = jnp.where(a_v < 1.0, a_v / jnp.where(a_v < 1.0, 1.0 - a_v, 1.0),
@@ -434,7 +435,7 @@ def _step(gram: jax.Array, root_diag: jax.Array, carry: _Carry,
       alpha_aw = jnp.where((t_aw >= t_max) & (e_v > 0), 0.0, alpha_aw)
       alpha_aw = jnp.maximum(alpha_aw, 0.0)
       g_alpha_aw = g_alpha + t_aw * (g_alpha - g_v)
-      sup_aw = sup + t_aw * (sup - root_diag[v])
+      sup_aw = sup + t_aw * (sup - jnp.sqrt(jnp.maximum(g_v[v], 0.0)))
       # Take the step whose direction promises more decrease (-slope).
       use_fw = -fw_slope >= -aw_slope
       new_alpha = jnp.where(use_fw, alpha_fw, alpha_aw)
@@ -517,8 +518,9 @@ def _face_minimiser(gram: jax.Array, alpha: jax.Array,
   return w / jnp.sum(w)
 
 
-def _corrective_step(gram: jax.Array, root_diag: jax.Array,
-                     c: _Carry) -> tuple[_Carry, jax.Array]:
+def _corrective_step(gram: jax.Array, root_diag: jax.Array, c: _Carry,
+                     skip: jax.Array | bool = False
+                     ) -> tuple[_Carry, jax.Array]:
   """A fully corrective step: one of Wolfe's minor cycles on the support.
 
   Moves ``alpha`` towards the affine minimiser ``w`` of its face
@@ -540,7 +542,11 @@ def _corrective_step(gram: jax.Array, root_diag: jax.Array,
   """
   alpha = c.alpha
   k = alpha.shape[0]
-  w = _face_minimiser(gram, alpha, cg_iterations(k, alpha.dtype))
+  # A solve that has finished runs no CG iteration: under ``jax.vmap`` the
+  # CG loop then stops as soon as the unfinished members are done (in the
+  # last round, at once), instead of running for every member.
+  w = _face_minimiser(gram, alpha,
+                      jnp.where(skip, 0, cg_iterations(k, alpha.dtype)))
   blocking = (alpha > 0) & (w < 0)
   ratio = jnp.where(blocking, alpha / jnp.where(blocking, alpha - w, 1.0),
                     jnp.inf)
@@ -605,12 +611,12 @@ def _solve_loop(gram, alpha0, *, max_steps, tol, method, period):
         max_steps, c.step + jnp.where(again, 0, period))
     c = jax.lax.while_loop(
         lambda c: (c.step < end) & (c.gap > threshold(c)),
-        lambda c: _step(gram, root_diag, c, method), c)
+        lambda c: _step(gram, c, method), c)
     c = exact(c)
     finish = done(c)
     if period is not None:
       # The carry that ends the loop is always the exactly checked one.
-      corrected, again = _corrective_step(gram, root_diag, c)
+      corrected, again = _corrective_step(gram, root_diag, c, finish)
       c = jax.tree.map(lambda x, y: jnp.where(finish, x, y), c, corrected)
     return c, finish, again
 
