@@ -282,3 +282,90 @@ def test_best_epoch_follows_the_metric_direction():
           {'epoch': 3, 'val_acc': [0.5, 0.7], 'val_loss': [1.0, 1.0]}]
   assert tasks.select_best(recs, train.TASKS.metric('acc'))['epoch'] == 2
   assert tasks.select_best(recs, train.TASKS.metric('loss'))['epoch'] == 1
+
+
+# ----------------------------------------------------------------------------
+# The reproduction's archive of finished runs
+
+
+def _fake_run(workdir, method, seed, epochs, acc):
+  """A finished run's records, as the trainer writes them (plus clutter)."""
+  subs = ['left', 'right'] if method == 'single_task' else ['']
+  for sub in subs:
+    d = os.path.join(workdir, sub)
+    os.makedirs(os.path.join(d, 'checkpoints', '3'), exist_ok=True)
+    with open(os.path.join(d, 'checkpoints', '3', 'state'), 'w') as f:
+      f.write('not a record')
+    with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
+      for e in range(epochs):
+        f.write(json.dumps({'epoch': e + 1,
+                            'val_acc': [acc - 0.01 * (epochs - e)] * 2})
+                + '\n')
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+      json.dump({'method': method, 'seed': seed}, f)
+  with open(os.path.join(workdir, 'final.json'), 'w') as f:
+    json.dump({'method': method, 'seed': seed, 'epochs': epochs,
+               'best_epoch': epochs, 'seconds_per_epoch': 1.0,
+               'test_acc_left': acc, 'test_acc_right': acc - 0.01}, f)
+
+
+class _NoTraining:
+  def default_config(self):
+    raise AssertionError('a run was trained although it was archived')
+
+
+def test_archive_keeps_records_and_restores_without_training(tmp_path):
+  from experiments.common import reproduce  # pylint: disable=g-import-not-at-top
+  runs, archive = str(tmp_path / 'runs'), str(tmp_path / 'archive')
+  _fake_run(os.path.join(runs, 'mgda_ub-seed0'), 'mgda_ub', 0, 3, 0.9)
+  _fake_run(os.path.join(runs, 'single_task-seed0'), 'single_task', 0, 3, 0.95)
+  # Finished runs go to the archive: records only, never checkpoints.
+  got = reproduce.run_all(_NoTraining(), ['mgda_ub', 'single_task'], [0, 1],
+                          3, runs, archive=archive, train=False)
+  assert sorted(got) == [('mgda_ub', 0), ('single_task', 0)]
+  assert reproduce.missing_runs(got, ['mgda_ub', 'single_task'], [0, 1]) == [
+      'mgda_ub-seed1', 'single_task-seed1']
+  assert reproduce.run_records(os.path.join(archive, 'single_task-seed0')) == [
+      'final.json', 'left/config.json', 'left/metrics.jsonl',
+      'right/config.json', 'right/metrics.jsonl']
+  assert not any('checkpoints' in r for _, _, fs in os.walk(archive)
+                 for r in fs)
+  # On a new machine (no runs/), the archive is restored, nothing trained;
+  # a run of another length is not taken for a finished one.
+  runs2 = str(tmp_path / 'runs2')
+  got2 = reproduce.run_all(_NoTraining(), ['mgda_ub', 'single_task'], [0], 3,
+                           runs2, archive=archive)
+  assert got2 == got
+  with open(os.path.join(runs2, 'single_task-seed0', 'left',
+                         'metrics.jsonl')) as f:
+    assert len(f.readlines()) == 3
+  with pytest.raises(AssertionError, match='trained although'):
+    reproduce.run_all(_NoTraining(), ['mgda_ub'], [0], 4, runs2,
+                      archive=archive)
+
+
+def test_table_only_tabulates_a_partial_reproduction(tmp_path):
+  from experiments.multimnist import reproduce as mm_reproduce  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'docs'
+  archive = out / 'runs' / 'multimnist-e3'
+  for (m, s, acc) in [('single_task', 0, 0.96), ('mgda_ub', 0, 0.95),
+                      ('mgda_ub', 1, 0.97)]:
+    _fake_run(str(archive / f'{m}-seed{s}'), m, s, 3, acc)
+  mm_reproduce.main(['--table-only', '--epochs', '3', '--seeds', '0', '1',
+                     '--methods', 'single_task', 'mgda_ub', 'gradnorm',
+                     '--out', str(out), '--runs', str(tmp_path / 'runs')])
+  text = (out / 'RESULTS.md').read_text()
+  rows = {l.split(' | ')[0]: l for l in text.splitlines()
+          if l.startswith('| ') and 'method' not in l and '---' not in l}
+  # Mean ± std over the seeds that exist (population std, as numpy), the
+  # count where it is short; no std for a single seed; Δm against single
+  # task: -(0.96/0.96 - 1 + 0.95/0.95 - 1)/2 = 0 for mgda_ub's mean here.
+  assert '96.00 ± 1.00 | 95.00 ± 1.00 | +0.00' in rows['| MGDA-UB (ours)']
+  assert '96.00 (n = 1) | 95.00 (n = 1) |' in rows['| Single task']
+  assert set(rows) == {'| Single task', '| MGDA-UB (ours)'}  # no GradNorm
+  assert ('Not run yet: single_task-seed1, gradnorm-seed0, gradnorm-seed1.'
+          in text)
+  assert (out / 'multimnist_e3_curves.png').exists()
+  with pytest.raises(SystemExit, match='No finished run'):
+    mm_reproduce.main(['--table-only', '--epochs', '5', '--out', str(out),
+                       '--runs', str(tmp_path / 'runs')])

@@ -6,7 +6,20 @@ under ``runs_dir``, so an interrupted reproduction resumes where it stopped
 Generic over tasks and metrics: the table reports the task spec's
 ``table_metric`` per task (mean ± std over seeds) beside a paper's figures,
 and Δm against single-task training where it was run.
+
+**Archive.** A long reproduction (MultiMNIST's 100-epoch table is about 13
+CPU-hours on a 2-core machine) may outlive the machine it started on. With
+``archive=DIR``, every finished run's records (``final.json``,
+``config.json``, ``metrics.jsonl``, and those of each single-task
+sub-run; no checkpoints) are copied to ``DIR/<method>-seed<seed>/``, and a
+run found finished there is restored into ``runs_dir`` instead of being
+trained again. The records are small text files that can be kept under
+version control, so the table can be grown over several sittings on
+different machines and rebuilt from them (``--table-only``-style: a run
+that is in the archive is never retrained).
 """
+
+import shutil
 
 import json
 import os
@@ -37,36 +50,93 @@ def set_field(config, dotted: str, value: Any) -> None:
   node[last] = value
 
 
+RECORDS = ('final.json', 'config.json', 'metrics.jsonl')
+
+
+def run_records(workdir: str) -> list[str]:
+  """A run's records, as paths relative to ``workdir`` (no checkpoints or
+  TensorBoard files; single-task runs keep theirs per task)."""
+  out = []
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = sorted(d for d in dirs if d not in ('checkpoints',
+                                                  'tensorboard'))
+    out += [os.path.relpath(os.path.join(root, f), workdir)
+            for f in sorted(files) if f in RECORDS]
+  return out
+
+
+def _copy_records(src: str, dst: str) -> None:
+  for rel in run_records(src):
+    os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+    shutil.copyfile(os.path.join(src, rel), os.path.join(dst, rel))
+
+
+def _finished(workdir: str, epochs: int) -> dict | None:
+  """The run's ``final.json`` if it finished ``epochs`` epochs, else None."""
+  final = os.path.join(workdir, 'final.json')
+  if not os.path.exists(final):
+    return None
+  with open(final) as f:
+    r = json.load(f)
+  return r if r.get('epochs') == epochs else None
+
+
 def run_all(experiment: trainer.Experiment, methods: Sequence[str],
             seeds: Sequence[int], epochs: int, runs_dir: str,
             overrides: Mapping[str, Any] = (), log=print,
-            choose=None) -> dict:
+            choose=None, archive: str | None = None,
+            train: bool = True) -> dict:
   """Trains (or reads back) every (method, seed); returns their results.
 
   ``choose``: ``config -> Experiment``, called on each run's config after
   the overrides (e.g. MultiMNIST's ``experiment_for``: the architecture is a
   config field); ``experiment`` then only gives the default config.
+  ``archive``: a folder of finished runs' records (module docstring): runs
+  found there are restored, not trained; runs finished here are added.
+  ``train=False``: nothing is trained; only finished runs are returned
+  (:func:`missing_runs` names the others), for a table of what exists.
   """
   results = {}
   for method in methods:
     for seed in seeds:
-      workdir = os.path.join(runs_dir, f'{method}-seed{seed}')
-      final = os.path.join(workdir, 'final.json')
-      if os.path.exists(final):
-        with open(final) as f:
-          r = json.load(f)
-        if r.get('epochs') == epochs:
-          results[(method, seed)] = r
-          continue
-      config = experiment.default_config()
-      config.method, config.seed, config.epochs = method, seed, epochs
-      for k, v in dict(overrides).items():
-        set_field(config, k, v)
-      log(f'== {method}, seed {seed}, {epochs} epochs')
-      results[(method, seed)] = trainer.train_and_evaluate(
-          experiment if choose is None else choose(config), config, workdir,
-          log=log)
+      name = f'{method}-seed{seed}'
+      workdir = os.path.join(runs_dir, name)
+      if (archive and _finished(os.path.join(archive, name), epochs)
+          and not _finished(workdir, epochs)):
+        log(f'== {method}, seed {seed}: restored from {archive}')
+        _copy_records(os.path.join(archive, name), workdir)
+      if train:
+        results[(method, seed)] = _run_one(experiment, method, seed, epochs,
+                                           workdir, overrides, log, choose)
+      elif _finished(workdir, epochs) is not None:
+        results[(method, seed)] = _finished(workdir, epochs)
+      else:
+        continue
+      if archive and not _finished(os.path.join(archive, name), epochs):
+        _copy_records(workdir, os.path.join(archive, name))
   return results
+
+
+def missing_runs(results, methods, seeds) -> list[str]:
+  """``method-seed<s>`` of every run not in ``results``."""
+  return [f'{m}-seed{s}' for m in methods for s in seeds
+          if (m, s) not in results]
+
+
+def _run_one(experiment, method, seed, epochs, workdir, overrides, log,
+             choose):
+  """One (method, seed): read back if finished, else trained (resumed)."""
+  done = _finished(workdir, epochs)
+  if done is not None:
+    return done
+  config = experiment.default_config()
+  config.method, config.seed, config.epochs = method, seed, epochs
+  for k, v in dict(overrides).items():
+    set_field(config, k, v)
+  log(f'== {method}, seed {seed}, {epochs} epochs')
+  return trainer.train_and_evaluate(
+      experiment if choose is None else choose(config), config, workdir,
+      log=log)
 
 
 def _curves(runs_dir, spec, method, seed, metric):
@@ -83,6 +153,11 @@ def _curves(runs_dir, spec, method, seed, metric):
     return np.array([json.loads(l)[f'val_{metric}'] for l in f])
 
 
+def _seeds_of(results, method, seeds) -> list[int]:
+  """The seeds of ``method`` that have a result."""
+  return [s for s in seeds if (method, s) in results]
+
+
 def write_plots(spec: tasks_lib.TaskSpec, results, runs_dir, methods, seeds,
                 out_dir, labels, prefix) -> list[str]:
   """Validation curves per task; for two tasks, the trade-off scatter."""
@@ -95,9 +170,11 @@ def write_plots(spec: tasks_lib.TaskSpec, results, runs_dir, methods, seeds,
   palette = (list(plt.get_cmap('tab20').colors) +
              list(plt.get_cmap('tab20b').colors))
   k = len(spec.names)
+  methods = [m for m in methods if _seeds_of(results, m, seeds)]
   fig, axes = plt.subplots(1, k, figsize=(6 * k, 5), squeeze=False)
   for j, method in enumerate(methods):
-    curves = [_curves(runs_dir, spec, method, s, metric.name) for s in seeds]
+    curves = [_curves(runs_dir, spec, method, s, metric.name)
+              for s in _seeds_of(results, method, seeds)]
     n = min(len(c) for c in curves)
     mean = scale * np.mean([c[:n] for c in curves], 0)
     for i, ax in enumerate(axes[0]):
@@ -105,7 +182,7 @@ def write_plots(spec: tasks_lib.TaskSpec, results, runs_dir, methods, seeds,
               color=palette[j % len(palette)])
   for i, ax in enumerate(axes[0]):
     ax.set_title(f'{spec.names[i]}: validation {metric.label or metric.name} '
-                 f'(mean of {len(seeds)} seeds)')
+                 f'(mean over seeds)')
     ax.set_xlabel('epoch')
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=6, ncol=2)
@@ -120,7 +197,7 @@ def write_plots(spec: tasks_lib.TaskSpec, results, runs_dir, methods, seeds,
   for i, method in enumerate(methods):
     pts = scale * np.array(
         [[results[(method, s)][f'test_{metric.name}_{n}'] for n in spec.names]
-         for s in seeds])
+         for s in _seeds_of(results, method, seeds)])
     color, marker = palette[i % len(palette)], markers[family(method)]
     ax.scatter(pts[:, 0], pts[:, 1], color=color, alpha=0.35, s=12,
                marker=marker)
@@ -145,7 +222,12 @@ def write_plots(spec: tasks_lib.TaskSpec, results, runs_dir, methods, seeds,
 def table(spec: tasks_lib.TaskSpec, results, methods, seeds,
           paper: Mapping[str, Sequence[float]], labels) -> list[str]:
   """Markdown rows: the table metric per task (mean ± std), Δm, the paper's
-  figures and seconds per epoch."""
+  figures and seconds per epoch.
+
+  A method with results for fewer than ``len(seeds)`` seeds (a partial
+  reproduction) shows its count, ``(n = 2)``; with one seed, no std.
+  Methods without any result are left out.
+  """
   metric = spec.metric(spec.table_metric)
   directions = metric.directions(len(spec.names))
   # Percentages for higher-is-better metrics (accuracy, mIoU), as papers
@@ -156,8 +238,10 @@ def table(spec: tasks_lib.TaskSpec, results, methods, seeds,
   lines = [f'| method | family | {cols} | Δm (%) ↓ | {pcols} | s / epoch |',
            '| --- ' * (4 + 2 * len(spec.names)) + '|']
 
+  methods = [m for m in methods if _seeds_of(results, m, seeds)]
+
   def values(method):
-    rs = [results[(method, s)] for s in seeds]
+    rs = [results[(method, s)] for s in _seeds_of(results, method, seeds)]
     return scale * np.array([[r[f'test_{metric.name}_{n}'] for n in spec.names]
                              for r in rs])
 
@@ -169,10 +253,15 @@ def table(spec: tasks_lib.TaskSpec, results, methods, seeds,
     p = paper.get(method)
     pvals = (' | '.join(f'{x:.2f}' for x in p) if p else
              ' | '.join('–' for _ in spec.names))
-    sec = np.median([results[(method, s)]['seconds_per_epoch'] for s in seeds])
+    sec = np.median([results[(method, s)]['seconds_per_epoch']
+                     for s in _seeds_of(results, method, seeds)])
+    n = len(v)
     # Two decimals for percentages, three for errors in their own units.
-    ours = ' | '.join(f'{m:.2f} ± {s:.2f}' if pct else f'{m:.3f} ± {s:.3f}'
-                      for m, s, pct in zip(v.mean(0), v.std(0), directions))
+    digits = [2 if pct else 3 for pct in directions]
+    ours = ' | '.join(
+        (f'{m:.{d}f} ± {s:.{d}f}' if n > 1 else f'{m:.{d}f}') +
+        (f' (n = {n})' if n < len(seeds) else '')
+        for m, s, d in zip(v.mean(0), v.std(0), digits))
     lines.append(f'| {labels.get(method, method)} | {family(method)} | {ours} '
                  f'| {dm} | {pvals} | {sec:.1f} |')
   return lines
