@@ -7,6 +7,7 @@ process (``multidevice_script.py``) with
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -75,3 +76,82 @@ def test_multimnist_training_on_8_devices_equals_one_device(method):
     np.testing.assert_allclose(b['weights'], a['weights'], rtol=2e-3,
                                atol=1e-4)
     np.testing.assert_allclose(b['val_loss'], a['val_loss'], rtol=2e-3)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _job(workdir, epochs, timeout=420):
+  """Two processes (4 simulated devices each) on a loopback coordinator;
+  both are stopped here whatever happens. Returns process 0's result."""
+  script = os.path.join(os.path.dirname(__file__), 'multiprocess_script.py')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join([root, env.get('PYTHONPATH', '')])
+  port = str(_free_port())
+  # Output to files, not pipes: a process blocked on a full pipe would stall
+  # its peer at the next collective.
+  logs = [open(f'{workdir}.{i}.log', 'w+') for i in range(2)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(
+      [sys.executable, script, 'worker', str(i), port, workdir, str(epochs)],
+      stdout=logs[i], stderr=subprocess.STDOUT, text=True, env=env,
+      cwd=root) for i in range(2)]
+  outs = []
+  try:
+    for p, log in zip(procs, logs):
+      p.wait(timeout=timeout)
+      log.seek(0)
+      text = log.read()
+      assert p.returncode == 0, text[-4000:]
+      outs.append(json.loads([l for l in text.splitlines()
+                              if l.startswith('{"method"')][-1]))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for log in logs:
+      log.close()
+  # Every process returns the same figures (its own clock aside).
+  for o in outs:
+    o.pop('seconds_per_epoch')
+  assert outs[0] == outs[1]
+  return outs[0]
+
+
+def test_multimnist_across_two_processes_equals_one_process(tmp_path):
+  """jax.distributed: 2 processes x 4 devices = 1 process x 8 devices.
+
+  The job runs one epoch, stops, and is resumed from its orbax checkpoint
+  for the second (a multi-process checkpoint written and restored); its
+  losses, weights and accuracies must equal an uninterrupted two-epoch run
+  in one process on 8 devices (itself tested equal to one device above).
+  Only process 0 writes the run's files.
+  """
+  import multiprocess_script  # pylint: disable=g-import-not-at-top
+  multiprocess_script.write_mnist(str(tmp_path / 'mnist'))
+  job = str(tmp_path / 'job')
+  _job(job, 1)
+  resumed = _job(job, 2)
+  single = run_script('multiprocess_script.py', 'single',
+                      str(tmp_path / 'single'), '2')
+  assert resumed['epochs'] == single['epochs'] == 2
+  with open(os.path.join(job, 'metrics.jsonl')) as f:
+    a = [json.loads(l) for l in f]
+  with open(str(tmp_path / 'single' / 'metrics.jsonl')) as f:
+    b = [json.loads(l) for l in f]
+  assert [r['epoch'] for r in a] == [1, 2]
+  for ra, rb in zip(a, b):
+    np.testing.assert_allclose(ra['train_loss'], rb['train_loss'], rtol=1e-5)
+    np.testing.assert_allclose(ra['weights'], rb['weights'], rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(ra['val_loss'], rb['val_loss'], rtol=1e-5)
+    np.testing.assert_allclose(ra['test_acc'], rb['test_acc'], atol=1e-6)
+  for k, v in single.items():
+    if k.startswith(('val_', 'test_')):
+      np.testing.assert_allclose(resumed[k], v, rtol=1e-5, err_msg=k)
+  assert os.path.exists(os.path.join(job, 'final.json'))
+  assert os.path.isdir(os.path.join(job, 'checkpoints', '2'))

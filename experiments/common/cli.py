@@ -45,6 +45,20 @@ def make_flags(default_config_path: str, default_config,
                       'checkpoints, metrics.jsonl, TensorBoard, final.json '
                       '(default: runs/<dataset>/<method>-seed<seed>)',
                       flag_values=fv)
+  flags.DEFINE_bool('distributed', False,
+                    'a multi-process job: call jax.distributed.initialize '
+                    'first (on a cluster it finds its peers itself; else '
+                    'give the three flags below); train with '
+                    '--config.devices=0', flag_values=fv)
+  flags.DEFINE_string('coordinator_address', None,
+                      'with --distributed: host:port of process 0',
+                      flag_values=fv)
+  flags.DEFINE_integer('num_processes', None,
+                       'with --distributed: the number of processes',
+                       flag_values=fv)
+  flags.DEFINE_integer('process_id', None,
+                       'with --distributed: this process\'s index',
+                       flag_values=fv)
   flags.DEFINE_bool('force', False,
                     'resume even if the config differs from the run\'s '
                     'config.json (which is kept as config.<n>.json)',
@@ -71,6 +85,9 @@ def run(experiment: trainer.Experiment, default_config_path: str,
   except flags.Error as e:
     sys.exit(f'error: {e}\nTry --help.')
   config = FLAGS.config
+  if FLAGS.distributed:
+    trainer.initialize_distributed(FLAGS.coordinator_address,
+                                   FLAGS.num_processes, FLAGS.process_id)
   try:
     if choose is not None:
       experiment = choose(config)

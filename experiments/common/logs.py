@@ -16,9 +16,12 @@ class Logger:
   past the last checkpoint) are dropped, so the file matches the state.
   """
 
-  def __init__(self, workdir: str, resume_epoch: int):
+  def __init__(self, workdir: str, resume_epoch: int, write: bool = True):
+    """``write=False``: read and keep records, write no file (the
+    non-primary processes of a multi-process job)."""
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.records = []
+    self.writes = write
     if os.path.exists(self.path):
       with open(self.path) as f:
         for line in f:
@@ -28,6 +31,9 @@ class Logger:
             continue  # a line cut short by the interruption
           if rec.get('epoch', 0) <= resume_epoch:
             self.records.append(rec)
+    self.tb = None
+    if not write:
+      return
     with open(self.path, 'w') as f:
       for rec in self.records:
         f.write(json.dumps(rec) + '\n')
@@ -40,6 +46,8 @@ class Logger:
 
   def write(self, record: dict[str, Any], task_names=()):
     self.records.append(record)
+    if not self.writes:
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self.tb is not None:

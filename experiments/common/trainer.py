@@ -163,7 +163,39 @@ def check_devices(config) -> int:
   if config.batch_size % n:
     raise ValueError(f'config.batch_size={config.batch_size} must be a '
                      f'multiple of config.devices={n}.')
+  if jax.process_count() > 1 and n != jax.device_count():
+    raise ValueError(f'config.devices={config.devices}: a job of '
+                     f'{jax.process_count()} processes trains on all '
+                     f'{jax.device_count()} devices (config.devices=0).')
   return n
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None,
+                           process_id=None) -> None:
+  """``jax.distributed.initialize``, with CPU collectives (gloo) on CPU.
+
+  Called before any other JAX call of the process. On a cluster (SLURM,
+  Kubernetes, Cloud TPU, ...) JAX finds the arguments itself; on one
+  machine give all three (a loopback coordinator, e.g. ``127.0.0.1:1234``).
+  """
+  # CPU devices of different processes talk through gloo (GPUs and TPUs
+  # use their own collectives; the setting only concerns the CPU backend).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes,
+                             process_id=process_id)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0 of a job)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across the processes of a multi-process job (else nothing)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def batch_sharding(config, log):
@@ -369,9 +401,17 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   if config.method == 'single_task' and len(tasks) > 1:
     return _single_task(experiment, config, workdir, data, force, log)
   check_devices(config)
-  config_lib.check_resume(workdir, config, force=force, log=log)
+  config_lib.check_resume(workdir, config, force=force, log=log,
+                          write=is_primary())
+  sync('config checked')
   if data is None:
+    # The primary builds (and caches) the data first; the others then read
+    # its cache instead of writing the same files at the same time.
+    if not is_primary():
+      sync('data ready')
     data = experiment.load_data(config, log)
+    if is_primary():
+      sync('data ready')
   _check_finite(data)
   names = tuple(spec.names[t] for t in tasks)
   num_tasks = len(tasks)
@@ -415,6 +455,13 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
     state['affinity'] = tracker.init(num_tasks)
   if experiment.stateful:
     state['model_state'] = model_state
+  if sharding is not None:  # replicate the state and the data
+    # From host values: across processes a global array is built from each
+    # process's (identical) copy; one process gets the same arrays.
+    replicated = jax.sharding.NamedSharding(sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    state, images, labels, splits = replicate(
+        (state, images, labels, splits), replicated)
   manager = _checkpointer(workdir)
   start_epoch = 0
   if manager.latest_step() is not None:
@@ -423,23 +470,24 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
                             args=ocp.args.StandardRestore(abstract))
     start_epoch = int(state['epoch'])
     log(f'resumed from the checkpoint of epoch {start_epoch} in {workdir}')
-  logger = logs.Logger(workdir, start_epoch)
+  if not is_primary():
+    sync('logs trimmed')  # read metrics.jsonl after the primary rewrote it
+  logger = logs.Logger(workdir, start_epoch, write=is_primary())
+  if is_primary():
+    sync('logs trimmed')
   params, opt_state = state['params'], state['opt_state']
   track = state.get('affinity', ())
   model_state = state.get('model_state', ())
-  if sharding is not None:  # replicate the parameters and the data
-    replicated = jax.sharding.NamedSharding(sharding.mesh,
-                                            jax.sharding.PartitionSpec())
-    params, model_state, opt_state, track, images, labels, splits = (
-        jax.device_put((params, model_state, opt_state, track, images, labels,
-                        splits), replicated))
 
   for epoch in range(start_epoch + 1, config.epochs + 1):
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch),
-                                  images.shape[0])
+    # On the host: every process of a job holds the same order.
+    perm = np.asarray(jax.random.permutation(
+        jax.random.fold_in(data_key, epoch), images.shape[0]))
     batch_idx = perm[:n_batches * config.batch_size].reshape(
         n_batches // chunk, chunk, config.batch_size)
     epoch_key = jax.random.fold_in(step_key, epoch)
+    if sharding is not None:
+      epoch_key = replicate(epoch_key, replicated)
     metrics = []
     if tracker is not None:
       track = mgda_jax.tag.reset_epoch(track)
@@ -495,8 +543,10 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
         zip(names, record[f'val_{shown}'], record[f'test_{shown}'])) +
         f' ({shown}), weights '
         f'{[round(float(w), 3) for w in weights.mean(0)]}')
-    state = {'params': params, 'opt_state': opt_state,
-             'epoch': jnp.asarray(epoch, jnp.int32)}
+    epoch_done = jnp.asarray(epoch, jnp.int32)
+    if sharding is not None:  # a global array, as the jitted outputs are
+      epoch_done = replicate(epoch_done, replicated)
+    state = {'params': params, 'opt_state': opt_state, 'epoch': epoch_done}
     if tracker is not None:
       state['affinity'] = track
     if experiment.stateful:
@@ -505,6 +555,22 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   manager.wait_until_finished()
   logger.close()
   return summarise(experiment, config, names, logger.records, workdir)
+
+
+def replicate(tree, sharding):
+  """``tree`` placed with ``sharding``, from host copies of its arrays.
+
+  Across processes a global array is built from each process's copy (they
+  are identical: the same seed, data and code); in one process this is a
+  plain ``device_put``. PRNG keys travel as their key data.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+  return jax.tree.map(one, tree)
 
 
 def summarise(experiment, config, names, records, workdir):
@@ -526,8 +592,9 @@ def summarise(experiment, config, names, records, workdir):
     result['affinity'] = np.asarray(mgda_jax.tag.average_affinity(
         epochs, drop_last=config.affinity.drop_last)).tolist()
     result['tasks'] = list(names)
-  with open(os.path.join(workdir, 'final.json'), 'w') as f:
-    json.dump(result, f)
+  if is_primary():
+    with open(os.path.join(workdir, 'final.json'), 'w') as f:
+      json.dump(result, f)
   return result
 
 
@@ -550,6 +617,7 @@ def _single_task(experiment, config, workdir, data, force, log):
         merged[k] = v
     merged['seconds_per_epoch'] += r['seconds_per_epoch']
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'final.json'), 'w') as f:
-    json.dump(merged, f)
+  if is_primary():
+    with open(os.path.join(workdir, 'final.json'), 'w') as f:
+      json.dump(merged, f)
   return merged
