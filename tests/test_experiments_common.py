@@ -288,10 +288,13 @@ def test_best_epoch_follows_the_metric_direction():
 # The reproduction's archive of finished runs
 
 
-def _fake_run(workdir, method, seed, epochs, acc):
+def _fake_run(workdir, method, seed, epochs, acc, **overrides):
   """A finished run's records, as the trainer writes them (plus clutter)."""
+  from experiments.common import reproduce  # pylint: disable=g-import-not-at-top
+  config = config_lib.flatten(reproduce.make_config(
+      train.EXPERIMENT, method, seed, epochs, overrides))
   subs = ['left', 'right'] if method == 'single_task' else ['']
-  for sub in subs:
+  for t, sub in enumerate(subs):
     d = os.path.join(workdir, sub)
     os.makedirs(os.path.join(d, 'checkpoints', '3'), exist_ok=True)
     with open(os.path.join(d, 'checkpoints', '3', 'state'), 'w') as f:
@@ -302,25 +305,28 @@ def _fake_run(workdir, method, seed, epochs, acc):
                             'val_acc': [acc - 0.01 * (epochs - e)] * 2})
                 + '\n')
     with open(os.path.join(d, 'config.json'), 'w') as f:
-      json.dump({'method': method, 'seed': seed}, f)
+      json.dump(dict(config, tasks=[t] if sub else []), f)
   with open(os.path.join(workdir, 'final.json'), 'w') as f:
     json.dump({'method': method, 'seed': seed, 'epochs': epochs,
                'best_epoch': epochs, 'seconds_per_epoch': 1.0,
                'test_acc_left': acc, 'test_acc_right': acc - 0.01}, f)
 
 
-class _NoTraining:
-  def default_config(self):
-    raise AssertionError('a run was trained although it was archived')
+def _no_training(*args, **kwargs):
+  raise AssertionError('a run was trained although it was archived')
 
 
-def test_archive_keeps_records_and_restores_without_training(tmp_path):
+def test_archive_keeps_records_and_restores_without_training(tmp_path,
+                                                            monkeypatch):
   from experiments.common import reproduce  # pylint: disable=g-import-not-at-top
+  from experiments.common import trainer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(trainer, 'train_and_evaluate', _no_training)
+  exp = train.EXPERIMENT
   runs, archive = str(tmp_path / 'runs'), str(tmp_path / 'archive')
   _fake_run(os.path.join(runs, 'mgda_ub-seed0'), 'mgda_ub', 0, 3, 0.9)
   _fake_run(os.path.join(runs, 'single_task-seed0'), 'single_task', 0, 3, 0.95)
   # Finished runs go to the archive: records only, never checkpoints.
-  got = reproduce.run_all(_NoTraining(), ['mgda_ub', 'single_task'], [0, 1],
+  got = reproduce.run_all(exp, ['mgda_ub', 'single_task'], [0, 1],
                           3, runs, archive=archive, train=False)
   assert sorted(got) == [('mgda_ub', 0), ('single_task', 0)]
   assert reproduce.missing_runs(got, ['mgda_ub', 'single_task'], [0, 1]) == [
@@ -332,16 +338,29 @@ def test_archive_keeps_records_and_restores_without_training(tmp_path):
                  for r in fs)
   # On a new machine (no runs/), the archive is restored, nothing trained;
   # a run of another length is not taken for a finished one.
+  # An unfinished run in the way is moved aside (a later, longer run would
+  # resume its checkpoints), not mixed with the restored records.
   runs2 = str(tmp_path / 'runs2')
-  got2 = reproduce.run_all(_NoTraining(), ['mgda_ub', 'single_task'], [0], 3,
+  os.makedirs(os.path.join(runs2, 'mgda_ub-seed0', 'checkpoints', '1'))
+  got2 = reproduce.run_all(exp, ['mgda_ub', 'single_task'], [0], 3,
                            runs2, archive=archive)
   assert got2 == got
+  assert not os.path.exists(os.path.join(runs2, 'mgda_ub-seed0',
+                                         'checkpoints'))
+  assert os.path.isdir(os.path.join(runs2, 'mgda_ub-seed0.replaced-1',
+                                    'checkpoints', '1'))
   with open(os.path.join(runs2, 'single_task-seed0', 'left',
                          'metrics.jsonl')) as f:
     assert len(f.readlines()) == 3
-  with pytest.raises(AssertionError, match='trained although'):
-    reproduce.run_all(_NoTraining(), ['mgda_ub'], [0], 4, runs2,
-                      archive=archive)
+  # Data locations may differ between machines; nothing else may.
+  got3 = reproduce.run_all(exp, ['mgda_ub'], [0], 3, str(tmp_path / 'runs3'),
+                           archive=archive,
+                           overrides={'data.mnist_dir': '/elsewhere'})
+  assert got3[('mgda_ub', 0)] == got[('mgda_ub', 0)]
+  for overrides, epochs in [({'optimizer.learning_rate': 0.01}, 3), ({}, 4)]:
+    with pytest.raises(AssertionError, match='trained although'):
+      reproduce.run_all(exp, ['mgda_ub'], [0], epochs, str(tmp_path / 'r4'),
+                        archive=archive, overrides=overrides)
 
 
 def test_table_only_tabulates_a_partial_reproduction(tmp_path):

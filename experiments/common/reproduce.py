@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from experiments.common import config as config_lib
 from experiments.common import tasks as tasks_lib
 from experiments.common import trainer
 
@@ -66,9 +67,49 @@ def run_records(workdir: str) -> list[str]:
 
 
 def _copy_records(src: str, dst: str) -> None:
-  for rel in run_records(src):
+  """Copies a run's records, ``final.json`` last: an interrupted copy never
+  looks finished."""
+  rels = sorted(run_records(src), key=lambda r: r == 'final.json')
+  for rel in rels:
     os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
     shutil.copyfile(os.path.join(src, rel), os.path.join(dst, rel))
+
+
+def _restore(src: str, dst: str, log) -> None:
+  """The archived run ``src`` into ``dst``; an unfinished run there (its
+  checkpoints would be resumed by a later, longer run) is moved aside."""
+  if os.path.exists(dst):
+    n = 1
+    while os.path.exists(f'{dst}.replaced-{n}'):
+      n += 1
+    os.replace(dst, f'{dst}.replaced-{n}')
+    log(f'   (the unfinished run in {dst} is kept as {dst}.replaced-{n})')
+  _copy_records(src, dst)
+
+
+def _archived_config(path: str) -> dict | None:
+  """The flattened config of an archived run (a single-task run: its first
+  task's, without ``tasks``), or None."""
+  for rel in ('config.json', *sorted(
+      r for r in run_records(path) if r.endswith('/config.json'))):
+    if os.path.exists(os.path.join(path, rel)):
+      with open(os.path.join(path, rel)) as f:
+        return json.load(f)
+  return None
+
+
+def _same_config(archived: dict | None, config) -> bool:
+  """Whether an archived run was trained with ``config`` (up to the fields
+  a resume may change: epochs, data locations; and ``tasks``, which a
+  single-task run sets per task)."""
+  if archived is None:
+    return False
+  ignore = set(config_lib.RESUMABLE_CHANGES) | {'tasks'}
+  new = config_lib.flatten(config)
+  for k, default in config_lib.ADDED_FIELDS.items():
+    archived.setdefault(k, default)
+  return all(archived.get(k, '<absent>') == new.get(k, '<absent>')
+             for k in set(archived) | set(new) if k not in ignore)
 
 
 def _finished(workdir: str, epochs: int) -> dict | None:
@@ -101,19 +142,26 @@ def run_all(experiment: trainer.Experiment, methods: Sequence[str],
     for seed in seeds:
       name = f'{method}-seed{seed}'
       workdir = os.path.join(runs_dir, name)
-      if (archive and _finished(os.path.join(archive, name), epochs)
-          and not _finished(workdir, epochs)):
-        log(f'== {method}, seed {seed}: restored from {archive}')
-        _copy_records(os.path.join(archive, name), workdir)
+      config = make_config(experiment, method, seed, epochs, overrides)
+      kept = os.path.join(archive, name) if archive else None
+      if kept and _finished(kept, epochs):
+        if not _same_config(_archived_config(kept), config):
+          log(f'== {method}, seed {seed}: the run in {kept} has another '
+              'config; not used, not replaced')
+          kept = None
+        elif not _finished(workdir, epochs):
+          log(f'== {method}, seed {seed}: restored from {archive}')
+          _restore(kept, workdir, log)
       if train:
-        results[(method, seed)] = _run_one(experiment, method, seed, epochs,
-                                           workdir, overrides, log, choose)
+        results[(method, seed)] = _run_one(experiment, config, workdir, log,
+                                           choose)
       elif _finished(workdir, epochs) is not None:
         results[(method, seed)] = _finished(workdir, epochs)
       else:
         continue
-      if archive and not _finished(os.path.join(archive, name), epochs):
-        _copy_records(workdir, os.path.join(archive, name))
+      if (kept and not _finished(kept, epochs) and
+          _same_config(_archived_config(workdir), config)):
+        _copy_records(workdir, kept)
   return results
 
 
@@ -123,17 +171,22 @@ def missing_runs(results, methods, seeds) -> list[str]:
           if (m, s) not in results]
 
 
-def _run_one(experiment, method, seed, epochs, workdir, overrides, log,
-             choose):
-  """One (method, seed): read back if finished, else trained (resumed)."""
-  done = _finished(workdir, epochs)
-  if done is not None:
-    return done
+def make_config(experiment, method, seed, epochs, overrides):
+  """The default config with ``method``, ``seed``, ``epochs`` and the
+  ``overrides`` (``{'a.b': value}``) set."""
   config = experiment.default_config()
   config.method, config.seed, config.epochs = method, seed, epochs
   for k, v in dict(overrides).items():
     set_field(config, k, v)
-  log(f'== {method}, seed {seed}, {epochs} epochs')
+  return config
+
+
+def _run_one(experiment, config, workdir, log, choose):
+  """One run: read back if finished, else trained (resumed)."""
+  done = _finished(workdir, config.epochs)
+  if done is not None:
+    return done
+  log(f'== {config.method}, seed {config.seed}, {config.epochs} epochs')
   return trainer.train_and_evaluate(
       experiment if choose is None else choose(config), config, workdir,
       log=log)

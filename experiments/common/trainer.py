@@ -198,6 +198,29 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def primary_first(fn: Callable[[], Any], name: str) -> Any:
+  """``fn()`` on process 0, then on the others (one process: just ``fn()``).
+
+  For a step that writes files the others read: config.json, the data
+  cache, the trimmed metrics. An error in ``fn`` on one process leaves the
+  others waiting at the barrier until the distributed runtime's own
+  timeouts stop the job (JAX has no cross-process exceptions).
+  """
+  if not is_primary():
+    sync(name)
+  out = fn()
+  if is_primary():
+    sync(name)
+  return out
+
+
+def load_data(experiment: Experiment, config, log) -> Splits:
+  """``experiment.load_data``: process 0 builds (and caches) the data first;
+  the others then read its cache instead of writing the same files."""
+  return primary_first(lambda: experiment.load_data(config, log),
+                       'data ready')
+
+
 def batch_sharding(config, log):
   """The batch sharding for ``config.devices`` > 1 devices, else None.
 
@@ -401,17 +424,13 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   if config.method == 'single_task' and len(tasks) > 1:
     return _single_task(experiment, config, workdir, data, force, log)
   check_devices(config)
-  config_lib.check_resume(workdir, config, force=force, log=log,
-                          write=is_primary())
-  sync('config checked')
+  # The primary checks (and writes) config.json first; the others then
+  # read the finished file.
+  primary_first(lambda: config_lib.check_resume(
+      workdir, config, force=force, log=log, write=is_primary()),
+                'config checked')
   if data is None:
-    # The primary builds (and caches) the data first; the others then read
-    # its cache instead of writing the same files at the same time.
-    if not is_primary():
-      sync('data ready')
-    data = experiment.load_data(config, log)
-    if is_primary():
-      sync('data ready')
+    data = load_data(experiment, config, log)
   _check_finite(data)
   names = tuple(spec.names[t] for t in tasks)
   num_tasks = len(tasks)
@@ -470,11 +489,10 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
                             args=ocp.args.StandardRestore(abstract))
     start_epoch = int(state['epoch'])
     log(f'resumed from the checkpoint of epoch {start_epoch} in {workdir}')
-  if not is_primary():
-    sync('logs trimmed')  # read metrics.jsonl after the primary rewrote it
-  logger = logs.Logger(workdir, start_epoch, write=is_primary())
-  if is_primary():
-    sync('logs trimmed')
+  # The others read metrics.jsonl after the primary has trimmed it.
+  logger = primary_first(
+      lambda: logs.Logger(workdir, start_epoch, write=is_primary()),
+      'logs trimmed')
   params, opt_state = state['params'], state['opt_state']
   track = state.get('affinity', ())
   model_state = state.get('model_state', ())
@@ -604,7 +622,7 @@ def _single_task(experiment, config, workdir, data, force, log):
   merged = {'method': 'single_task', 'seed': config.seed,
             'epochs': config.epochs, 'best_epoch': {}, 'seconds_per_epoch': 0.0}
   if data is None:
-    data = experiment.load_data(config, log)
+    data = load_data(experiment, config, log)
   for t in tasks:
     sub = config.copy_and_resolve_references()
     sub.tasks = (t,)
