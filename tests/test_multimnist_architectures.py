@@ -191,3 +191,31 @@ def test_table_from_finished_runs_lists_the_missing(tmp_path):
   # Δm = -mean((96 - 95) / 95, 0) * 100 = -0.53.
   assert '| MRN | MGDA-UB (ours) | 96.00 | 90.00 | -0.53 |' in text
   assert 'Not run yet: mrn/mgda-seed0.' in text
+
+
+def test_table_only_restores_archived_runs(tmp_path):
+  """Runs archived under <out>/runs/architectures-e10/<arch>/ (records and
+  config only) make their rows on a machine with no runs/ folder."""
+  from experiments.common import config as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments.common import reproduce  # pylint: disable=g-import-not-at-top
+
+  def archive(arch, method, left, right, name):
+    d = tmp_path / 'runs' / 'architectures-e10' / arch / f'{method}-seed0'
+    d.mkdir(parents=True)
+    config = reproduce.make_config(train.EXPERIMENT, method, 0, 10,
+                                   {'architecture.name': name})
+    (d / 'config.json').write_text(json.dumps(config_lib.flatten(config)))
+    (d / 'metrics.jsonl').write_text('')
+    (d / 'final.json').write_text(json.dumps({
+        'epochs': 10, 'seconds_per_epoch': 5.0, 'test_acc_left': left,
+        'test_acc_right': right}))
+
+  archive('single', 'single_task', 0.95, 0.90, 'hard_sharing')
+  archive('mrn', 'mgda_ub', 0.96, 0.90, 'mrn')
+  reproduce_architectures.main([
+      '--architectures', 'mrn', '--methods', 'mgda_ub', '--seeds', '0',
+      '--runs', str(tmp_path / 'fresh'), '--out', str(tmp_path),
+      '--table-only'])
+  text = (tmp_path / 'ARCHITECTURES.md').read_text()
+  assert '| MRN | MGDA-UB (ours) | 96.00 | 90.00 | -0.53 |' in text
+  assert 'Not run yet' not in text

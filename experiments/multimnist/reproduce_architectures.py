@@ -12,7 +12,10 @@ seed) is an ordinary resumable run under ``--runs/<architecture>``. The
 table goes into ``docs/ARCHITECTURES.md``: both digits' test accuracy, Δm,
 parameter counts (all, and shared in the MGDA sense), the gradient path and
 seconds per epoch. ``branched`` needs ``--groups`` (e.g. from
-:mod:`experiments.multimnist.fafs`).
+:mod:`experiments.multimnist.fafs`). Finished runs' records are kept in
+``--archive`` (default ``<out>/runs/architectures-e<epochs>/<architecture>``)
+and restored from there instead of being trained again, so the table can
+grow over sittings on fresh machines (:mod:`experiments.common.reproduce`).
 """
 
 import argparse
@@ -144,7 +147,13 @@ def main(argv=None):
   p.add_argument('--table-only', action='store_true',
                  help='no training: the table from the finished runs, the '
                       'missing ones listed')
+  p.add_argument('--archive', default=None,
+                 help='finished runs\' records, kept and reused (default: '
+                 '<out>/runs/architectures-e<epochs>; "" for none; see '
+                 'experiments.common.reproduce)')
   args = p.parse_args(argv)
+  archive = (os.path.join(args.out, 'runs', f'architectures-e{args.epochs}')
+             if args.archive is None else args.archive)
   archs = list(args.architectures)
   if 'branched' in archs and not args.groups:
     p.error("'branched' needs --groups (python -m experiments.multimnist.fafs"
@@ -154,6 +163,22 @@ def main(argv=None):
   if bad:
     p.error(f'{bad}: the architecture is set per row (--architectures, '
             '--groups), not with --set')
+  single = dict(overrides, **{'architecture.name': 'hard_sharing'})
+  rows = [('single', ['single_task'], single)]
+  for arch in archs:
+    o = dict(overrides, **{'architecture.name': arch})
+    if arch == 'branched':
+      o['architecture.groups'] = args.groups
+    rows.append((arch, args.methods, o))
+  results = {}
+  for arch, methods, o in rows:
+    # Archived runs are restored (and finished ones archived) either way.
+    for (m, s), r in reproduce.run_all(
+        train.EXPERIMENT, methods, args.seeds, args.epochs,
+        os.path.join(args.runs, arch), o, choose=train.experiment_for,
+        archive=os.path.join(archive, arch) if archive else None,
+        train=not args.table_only).items():
+      results[(arch, m, s)] = r
   if args.table_only:
     results = finished(args.runs, archs, args.methods, args.seeds,
                        args.epochs)
@@ -169,22 +194,6 @@ def main(argv=None):
         section(results, archs, args.methods, args.seeds, args.epochs,
                 args.groups, note.strip()))
     return results
-  results = {}
-  single = dict(overrides, **{'architecture.name': 'hard_sharing'})
-  for (m, s), r in reproduce.run_all(
-      train.EXPERIMENT, ['single_task'], args.seeds, args.epochs,
-      os.path.join(args.runs, 'single'), single,
-      choose=train.experiment_for).items():
-    results[('single', m, s)] = r
-  for arch in archs:
-    o = dict(overrides, **{'architecture.name': arch})
-    if arch == 'branched':
-      o['architecture.groups'] = args.groups
-    for (m, s), r in reproduce.run_all(
-        train.EXPERIMENT, args.methods, args.seeds, args.epochs,
-        os.path.join(args.runs, arch), o,
-        choose=train.experiment_for).items():
-      results[(arch, m, s)] = r
   if args.no_table:
     return results
   os.makedirs(args.out, exist_ok=True)
