@@ -19,11 +19,10 @@ different machines and rebuilt from them (``--table-only``-style: a run
 that is in the archive is never retrained).
 """
 
-import shutil
-
 import json
 import os
 import platform
+import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
