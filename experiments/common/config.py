@@ -293,15 +293,14 @@ class ConfigMismatchError(ValueError):
 
 
 def check_resume(workdir: str, c: config_dict.ConfigDict, *,
-                 force: bool = False, log=print, write: bool = True) -> None:
+                 force: bool = False, log=print) -> None:
   """Writes ``config.json``, or checks a resumed run against it.
 
   A new run writes it. A resumed run (``config.json`` exists) must have the
   same config except for :data:`RESUMABLE_CHANGES`; otherwise
   :class:`ConfigMismatchError` names each differing field. With ``force``
   the old file is kept as ``config.<n>.json`` and the new one written, with
-  a log line; it is never overwritten silently. ``write=False`` checks
-  without writing (the non-primary processes of a multi-process job).
+  a log line; it is never overwritten silently.
   """
   path = os.path.join(workdir, 'config.json')
   new = flatten(c)
@@ -317,8 +316,6 @@ def check_resume(workdir: str, c: config_dict.ConfigDict, *,
     blocking = {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
     if not diff:
       return
-    if not write and not blocking:
-      return
     if blocking and not force:
       fields = '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in
                          blocking.items())
@@ -326,16 +323,12 @@ def check_resume(workdir: str, c: config_dict.ConfigDict, *,
           f'{workdir} holds a run with another config ({fields}). Resume it '
           'with its own config, use another --workdir, or pass --force to '
           'continue with the new config (the old config.json is kept).')
-    if not write:
-      return
     n = 1
     while os.path.exists(os.path.join(workdir, f'config.{n}.json')):
       n += 1
     os.replace(path, os.path.join(workdir, f'config.{n}.json'))
     log(f'config changed on resume ({", ".join(diff)}); the previous one is '
         f'kept as config.{n}.json')
-  if not write:
-    return
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:
     json.dump(new, f, indent=1)

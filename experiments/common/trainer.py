@@ -425,10 +425,9 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
     return _single_task(experiment, config, workdir, data, force, log)
   check_devices(config)
   # The primary checks (and writes) config.json first; the others then
-  # read the finished file.
-  primary_first(lambda: config_lib.check_resume(
-      workdir, config, force=force, log=log, write=is_primary()),
-                'config checked')
+  # check against the file it wrote.
+  primary_first(lambda: config_lib.check_resume(workdir, config, force=force,
+                                                log=log), 'config checked')
   if data is None:
     data = load_data(experiment, config, log)
   _check_finite(data)

@@ -19,7 +19,6 @@ grow over sittings on fresh machines (:mod:`experiments.common.reproduce`).
 """
 
 import argparse
-import json
 import os
 
 from flax import nnx
@@ -112,21 +111,6 @@ def section(results, archs, methods, seeds, epochs, groups, note) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def finished(runs, archs, methods, seeds, epochs) -> dict:
-  """The results of the runs whose final.json has ``epochs``."""
-  out = {}
-  for a in ['single'] + list(archs):
-    for m in (['single_task'] if a == 'single' else methods):
-      for s in seeds:
-        path = os.path.join(runs, a, f'{m}-seed{s}', 'final.json')
-        if os.path.exists(path):
-          with open(path) as f:
-            r = json.load(f)
-          if r.get('epochs') == epochs:
-            out[(a, m, s)] = r
-  return out
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--architectures', nargs='+', default=list(ARCHITECTURES),
@@ -180,8 +164,6 @@ def main(argv=None):
         train=not args.table_only).items():
       results[(arch, m, s)] = r
   if args.table_only:
-    results = finished(args.runs, archs, args.methods, args.seeds,
-                       args.epochs)
     missing = [f'{a}/{m}-seed{s}' for a in ['single'] + archs
                for m in (['single_task'] if a == 'single' else args.methods)
                for s in args.seeds if (a, m, s) not in results]
