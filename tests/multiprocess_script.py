@@ -26,6 +26,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_multimnist import fake_mnist, write_idx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments.common import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.common import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.multimnist import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -45,8 +46,32 @@ def main():
           f'--config.epochs={epochs}', f'--config.data.mnist_dir={mnist_dir}',
           f'--config.data.cache_dir={os.path.dirname(workdir)}/cache',
           '--config.data.download=False', f'--workdir={workdir}', *dist]
-  result = cli.run(train.EXPERIMENT, 'experiments/multimnist/configs/test.py',
-                   argv)
+  # Count the batch rows this process gathers for its devices.
+  gathered = []
+  make = trainer.jax.make_array_from_callback
+
+  def counting(shape, sharding, callback):
+    rows = []
+
+    def counted(index):
+      block = callback(index)
+      rows.append(block.shape[0] * block.shape[1])
+      return block
+    out = make(shape, sharding, counted)
+    if len(shape) >= 4:  # the images, (chunk, B, H, W, ...)
+      gathered.append(sum(rows))
+    return out
+  trainer.jax.make_array_from_callback = counting
+  try:
+    result = cli.run(train.EXPERIMENT,
+                     'experiments/multimnist/configs/test.py', argv)
+  finally:
+    trainer.jax.make_array_from_callback = make
+  # The image rows this process gathered per batch (chunk 1): half of each
+  # batch in each of two processes (host input, the default there); none
+  # in one process (device input, the default there).
+  result['rows_per_batch'] = (sum(gathered) / len(gathered) if gathered
+                              else 0)
   print(json.dumps(result), flush=True)
 
 

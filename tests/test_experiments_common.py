@@ -224,6 +224,7 @@ def test_bad_configs_name_the_field():
            ('optimizer.learning_rate', -1.0, 'learning_rate must be > 0'),
            ('tasks', (0, 2), r'config.tasks must be distinct indices in \[0, 2\)'),
            ('select', 'f1', 'config.select must be one of'),
+           ('input', 'gpu', 'config.input must be one of'),
            ('famo.learning_rate', 0.5, "config.famo.learning_rate=0.5 is set, "
             "but config.method is 'mgda_ub'")]
   for field, value, match in cases:

@@ -35,13 +35,15 @@ NOT_CONFIG = ('num_tasks', 'axis_name', 'shared', 'key', 'priors',
 # same data is read from (its content is fingerprinted by the pipeline).
 RESUMABLE_CHANGES = ('epochs', 'data.mnist_dir', 'data.tfds_data_dir',
                      'data.download_dir', 'data.mirrors', 'data.download',
-                     'data.celeba_dir', 'data.cityscapes_dir')
+                     'data.celeba_dir', 'data.cityscapes_dir', 'input')
 # Fields added after runs were recorded: a saved config without one is the
 # same config when the new value is this default.
 ADDED_FIELDS = {'optimizer.decay_every': 0, 'optimizer.decay_factor': 1.0,
                 'architecture.name': 'multilenet',
                 'architecture.mrn_weight': 1.0, 'architecture.mrn_every': 1,
-                'architecture.groups': '', 'architecture.experts': 3}
+                'architecture.groups': '', 'architecture.experts': 3,
+                'input': 'auto'}
+INPUTS = ('auto', 'device', 'host')
 OPTIMIZERS = ('sgd', 'adam')
 AFFINITY_KINDS = ('lookahead', 'linearized', 'representation', 'cosine')
 
@@ -95,6 +97,11 @@ def base_config() -> config_dict.ConfigDict:
   # Data parallelism: shard each batch over this many devices (a 'data'
   # mesh axis under jax.jit; parameters replicated). 1: one device; 0: all.
   c.devices = 1
+  # Where training batches are gathered: 'device' holds the training set on
+  # the devices and indexes it inside the compiled step; 'host' gathers
+  # each batch from host memory, each process only the rows of its own
+  # devices. Same figures either way. 'auto': host when several processes.
+  c.input = 'auto'
   # Train only these tasks (indices into the task spec); () means all.
   c.tasks = ()
   # Stop after this many training examples (0: all); for tests.
@@ -134,6 +141,9 @@ FIELD_HELP = {
                                  'the NaN goes through',
     'chunk': 'steps per compiled call (0: 1 on CPU, 15 elsewhere)',
     'devices': 'data-parallel devices (0: all visible)',
+    'input': 'where batches are gathered: device (the training set on the '
+             'devices), host (each process puts only its own rows of each '
+             'batch on its devices) or auto (host across processes)',
     'tasks': 'train only these task indices, e.g. "(0,)" (): all',
     'max_train_examples': 'use only this many training examples (0: all)',
     'select': 'validation metric for best-epoch selection',
@@ -246,6 +256,9 @@ def validate(c: config_dict.ConfigDict, task_names: Sequence[str],
   for field in ('devices', 'chunk', 'max_train_examples'):
     if c[field] < 0:
       raise ValueError(f'config.{field} must be >= 0; got {c[field]}')
+  if c.input not in INPUTS:
+    raise ValueError(f'config.input must be one of {INPUTS}; got '
+                     f'{c.input!r}')
   if c.optimizer.name not in OPTIMIZERS:
     raise ValueError(f'config.optimizer.name must be one of {OPTIMIZERS}; '
                      f'got {c.optimizer.name!r}')

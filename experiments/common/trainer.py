@@ -323,6 +323,11 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
                   batch_idx, key, step0, mode='none'):
     """``lax.scan`` over a ``(chunk, B)`` block of batch indices.
 
+    ``inputs`` and ``labels`` are the training set, indexed here by
+    ``batch_idx``; or, with ``batch_idx=None``, the chunk's batches
+    themselves, gathered on the host (``(chunk, B, ...)``, see
+    :func:`host_batches`).
+
     A chunk of one step is a plain compiled step: on XLA:CPU a step runs
     several times slower inside a loop (``lax.scan`` or ``fori_loop``) than
     as a top-level program (BENCHMARKS.md), so on CPU an epoch is a Python
@@ -331,25 +336,30 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
     from the host (``mode`` 'add' or 'skip'); a longer chunk's steps use
     ``mode='cond'``.
     """
-    if batch_idx.shape[0] == 1:
-      idx = batch_idx[0]
+    if batch_idx is None:  # the batches themselves
+      xs = (inputs, labels)
+      def batch(b):
+        return b
+    else:  # indices into the training set on the devices
+      xs = batch_idx
+      def batch(idx):
+        return inputs[idx], jax.tree.map(lambda l: l[idx], labels)
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if n == 1:
+      x, y = batch(jax.tree.map(lambda a: a[0], xs))
       *carry, metrics = train_step(
-          params, model_state, opt_state, track, inputs[idx],
-          jax.tree.map(lambda l: l[idx], labels),
+          params, model_state, opt_state, track, x, y,
           jax.random.fold_in(key, step0), mode)
       return (*carry, jax.tree.map(lambda m: m[None], metrics))
 
     def body(carry, xs):
-      idx, i = xs
+      b, i = xs
       k = jax.random.fold_in(key, step0 + i)
-      *carry, metrics = train_step(*carry, inputs[idx],
-                                   jax.tree.map(lambda l: l[idx], labels), k,
-                                   mode)
+      *carry, metrics = train_step(*carry, *batch(b), k, mode)
       return tuple(carry), metrics
 
-    steps = jnp.arange(batch_idx.shape[0])
     carry, metrics = jax.lax.scan(
-        body, (params, model_state, opt_state, track), (batch_idx, steps))
+        body, (params, model_state, opt_state, track), (xs, jnp.arange(n)))
     return (*carry, metrics)
 
   @jax.jit
@@ -437,8 +447,11 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   if config.max_train_examples:
     train_x = train_x[:config.max_train_examples]
     train_y = jax.tree.map(lambda l: l[:config.max_train_examples], train_y)
-  images = jnp.asarray(train_x)
-  labels = jax.tree.map(jnp.asarray, experiment.select_labels(train_y, tasks))
+  on_host = host_input(config)
+  # The training set stays in host memory for host input.
+  put = np.asarray if on_host else jnp.asarray
+  images = put(train_x)
+  labels = jax.tree.map(put, experiment.select_labels(train_y, tasks))
   splits = {s: (jnp.asarray(getattr(data, s)[0]),
                 jax.tree.map(jnp.asarray, experiment.select_labels(
                     getattr(data, s)[1], tasks)))
@@ -462,6 +475,9 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
                              regularizer=experiment.regularizer(config, model))
   opt_state = method.tx.init(params)
   sharding = batch_sharding(config, log)
+  if on_host:
+    log('training batches gathered on the host'
+        + (', each process its own rows' if jax.process_count() > 1 else ''))
   train_chunk, evaluate = make_functions(
       experiment, config, (graphdef, encode, task_losses, eval_metrics),
       method, num_tasks, sharding, names)
@@ -478,8 +494,9 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
     # process's (identical) copy; one process gets the same arrays.
     replicated = jax.sharding.NamedSharding(sharding.mesh,
                                             jax.sharding.PartitionSpec())
-    state, images, labels, splits = replicate(
-        (state, images, labels, splits), replicated)
+    state, splits = replicate((state, splits), replicated)
+    if not on_host:
+      images, labels = replicate((images, labels), replicated)
   manager = _checkpointer(workdir)
   start_epoch = 0
   if manager.latest_step() is not None:
@@ -518,9 +535,14 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
         else:
           due = ((epoch - 1) * n_batches + c) % config.affinity.every == 0
           mode = 'add' if due else 'skip'
+        if on_host:
+          batch = (*host_batches((images, labels), batch_idx[c], sharding),
+                   None)
+        else:
+          batch = (images, labels, batch_idx[c])
         params, model_state, opt_state, track, m = train_chunk(
-            params, model_state, opt_state, track, images, labels,
-            batch_idx[c], epoch_key, c * chunk, mode=mode)
+            params, model_state, opt_state, track, *batch, epoch_key,
+            c * chunk, mode=mode)
         metrics.append(m)
         if c % max(1, 15 // chunk) == 0 or (c + 1) * chunk == n_batches:
           jax.block_until_ready(params)
@@ -587,6 +609,36 @@ def replicate(tree, sharding):
       data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     return jax.device_put(np.asarray(x), sharding)
+  return jax.tree.map(one, tree)
+
+
+def host_input(config) -> bool:
+  """Whether training batches are gathered on the host (``config.input``)."""
+  if config.input == 'auto':
+    return jax.process_count() > 1
+  return config.input == 'host'
+
+
+def host_batches(tree, batch_idx, sharding):
+  """The rows ``batch_idx`` (``(chunk, B)``) of each host array in ``tree``.
+
+  Each leaf becomes a ``(chunk, B, ...)`` array: with ``sharding`` (a
+  ``'data'`` mesh), a global array split over the batch axis, for which
+  each process gathers and transfers only the rows of its own devices
+  (``jax.make_array_from_callback`` asks for the addressable shards only);
+  without, a plain device array. The values are those the device path
+  gathers with ``inputs[batch_idx]``.
+  """
+  if sharding is None:
+    return jax.tree.map(lambda a: jnp.asarray(a[batch_idx]), tree)
+  spec = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(None, 'data'))
+
+  def one(a):
+    shape = batch_idx.shape + a.shape[1:]
+    return jax.make_array_from_callback(
+        shape, spec, lambda index: a[batch_idx[index[:2]]][
+            (slice(None), slice(None)) + tuple(index[2:])])
   return jax.tree.map(one, tree)
 
 
