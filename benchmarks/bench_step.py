@@ -12,6 +12,8 @@ ratios to uniform weighting (one backward pass of the summed loss):
   XLA's temporary memory (``compiled.memory_analysis()``);
 * ``--pool``: the uniform step with reshape-and-max pooling against
   ``lax.reduce_window`` pooling;
+* ``--conv``: the uniform and MGDA-UB steps with the first layer as
+  ``models.conv_as_matmul`` (the model's) against ``lax.conv_general_dilated``;
 * ``--methods``: every gradient method of the library (MGDA-UB's input:
   per-task gradients at Z, one pullback) at K = 2, 10 and 40, as a ratio to
   uniform weighting timed in the same rotation.
@@ -48,11 +50,15 @@ GRADIENT_METHODS = {
 
 
 def make_steps(num_tasks, num_classes, batch=256, rep_dim=50,
-               pool=models.max_pool_2x2, which=('uniform', 'mgda_ub', 'mgda')):
-  """Jitted training steps and their initial arguments."""
+               pool=models.max_pool_2x2, which=('uniform', 'mgda_ub', 'mgda'),
+               first_conv=None):
+  """Jitted training steps and their initial arguments (``first_conv``:
+  another function for the first layer's ``nnx.Conv``)."""
   names = [f'task{i}' for i in range(num_tasks)]
   model = models.MultiLeNet(names, num_classes, rngs=nnx.Rngs(0), pool=pool,
                             rep_dim=rep_dim)
+  if first_conv is not None:
+    model.encoder.conv1.conv_general_dilated = first_conv
   _, params, encode, task_losses = models.functional(model)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(size=(batch, 28, 28, 1)), jnp.float32)
@@ -185,6 +191,24 @@ def _pool(args):
         f"{t['reduce_window'] / t['reshape+max']:.2f}")
 
 
+def _conv(args):
+  print('\n== first layer (1 -> 10 channels, 5x5): lax convolution against '
+        'conv_as_matmul (same rotation) ==')
+  for k, c in ((2, 10), (40, 2)):
+    steps = {}
+    for name, conv in (('matmul', None),
+                       ('convolution', jax.lax.conv_general_dilated)):
+      # The same parameters and data for both (nnx.Rngs(0)).
+      built, *rest = make_steps(k, c, first_conv=conv,
+                                which=('uniform', 'mgda_ub'))
+      steps.update({f'{m} {name}': s for m, s in built.items()})
+    t = time_steps(steps, *rest, args.repeats)
+    for m in ('uniform', 'mgda_ub'):
+      print(f"  K={k:2d} {m:8s}: convolution {t[f'{m} convolution'] * 1e3:8.2f}"
+            f" ms, matmul {t[f'{m} matmul'] * 1e3:8.2f} ms, convolution / "
+            f"matmul {t[f'{m} convolution'] / t[f'{m} matmul']:.2f}")
+
+
 def _scaling(args):
   print('\n== MGDA-UB / uniform as K grows (heads 50->50->2) ==')
   for k in (2, 10, 40, 100, 256):
@@ -214,9 +238,11 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=30)
   parser.add_argument('--scaling', action='store_true')
   parser.add_argument('--pool', action='store_true')
+  parser.add_argument('--conv', action='store_true')
   parser.add_argument('--methods', action='store_true')
   parser.add_argument('--only-methods', action='store_true')
   parser.add_argument('--only-scaling', action='store_true')
+  parser.add_argument('--only-conv', action='store_true')
   args = parser.parse_args(argv)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} '
         f'({jax.devices()[0].device_kind}); {platform.processor() or ""} '
@@ -245,10 +271,15 @@ def main(argv=None):
     if args.only_methods:
       return
 
+  if args.only_conv:
+    _conv(args)
+    return
   if not args.only_scaling:
     _main_table(args)
     if args.pool:
       _pool(args)
+    if args.conv:
+      _conv(args)
   if args.scaling or args.only_scaling:
     _scaling(args)
 

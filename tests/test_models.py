@@ -34,6 +34,56 @@ def test_reshape_pooling_equals_reduce_window_with_gradients():
   np.testing.assert_allclose(g1, g2, rtol=1e-6)
 
 
+def _has_conv(fn, *args):
+  return 'conv_general_dilated' in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_conv_as_matmul_equals_the_convolution_with_gradients():
+  """Values and both gradients against lax.conv_general_dilated, to float32
+  summation noise, for 1 and 3 input channels."""
+  for cin, size in ((1, 28), (3, 9)):
+    kx, kw = jax.random.split(jax.random.key(cin))
+    x = jax.random.normal(kx, (4, size, size, cin))
+    w = jax.random.normal(kw, (5, 5, cin, 6)) * 0.2
+    ref = nnx.Conv(cin, 6, (5, 5), padding='VALID', rngs=nnx.Rngs(0))
+    ours = nnx.Conv(cin, 6, (5, 5), padding='VALID', rngs=nnx.Rngs(0),
+                    conv_general_dilated=models.conv_as_matmul)
+    ref.kernel[...] = w
+    ours.kernel[...] = w
+    assert not _has_conv(lambda x: ours(x), x)  # the product, not a conv
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    g_ours = nnx.grad(loss, argnums=(0, 1))(ours, x)
+    g_ref = nnx.grad(loss, argnums=(0, 1))(ref, x)
+    np.testing.assert_allclose(g_ours[0].kernel[...], g_ref[0].kernel[...],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g_ours[1], g_ref[1], rtol=1e-4, atol=1e-5)
+  # Strides, padding: the convolution itself.
+  conv = nnx.Conv(1, 4, (3, 3), strides=2, padding='SAME', rngs=nnx.Rngs(0),
+                  conv_general_dilated=models.conv_as_matmul)
+  assert _has_conv(lambda x: conv(x), jnp.zeros((2, 8, 8, 1)))
+
+
+def test_multilenet_is_unchanged_by_its_first_layer_as_a_product():
+  """The model's loss and gradients equal those with conv1 as a convolution
+  (the formulation before), at the same parameters."""
+  model = models.MultiLeNet(('left', 'right'), 10, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  plain = nnx.merge(graphdef, params)
+  plain.encoder.conv1.conv_general_dilated = jax.lax.conv_general_dilated
+  x = jax.random.uniform(jax.random.key(1), (16, 28, 28, 1))
+  labels = jax.random.randint(jax.random.key(2), (16, 2), 0, 10)
+
+  def loss(m):
+    return jnp.sum(models.nll_per_task(m(x), labels))
+  assert _has_conv(lambda: plain(x))
+  np.testing.assert_allclose(loss(model), loss(plain), rtol=1e-6)
+  ga, gb = nnx.grad(loss)(model), nnx.grad(loss)(plain)
+  for a, b in zip(jax.tree.leaves(nnx.state(ga)), jax.tree.leaves(
+      nnx.state(gb))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_stacked_heads_per_task_input_equals_shared_input():
   heads = models.StackedHeads(4, 3, rngs=nnx.Rngs(1))
   z = jax.random.normal(jax.random.key(2), (5, 50))

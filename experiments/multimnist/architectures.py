@@ -50,7 +50,11 @@ class Conv(nnx.Module):
   """``conv 5x5 (VALID), 2x2 max-pool, ReLU``, optionally flattened."""
 
   def __init__(self, cin, cout, *, rngs, flatten=False):
-    self.conv = nnx.Conv(cin, cout, (5, 5), padding='VALID', rngs=rngs)
+    # One input channel (the first layer): as a matrix product, faster
+    # on XLA:CPU (models.conv_as_matmul).
+    conv = models.conv_as_matmul if cin == 1 else jax.lax.conv_general_dilated
+    self.conv = nnx.Conv(cin, cout, (5, 5), padding='VALID', rngs=rngs,
+                         conv_general_dilated=conv)
     self.flatten = flatten
 
   def __call__(self, x):

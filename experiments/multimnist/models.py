@@ -33,13 +33,56 @@ def max_pool_2x2_reduce_window(x: jax.Array) -> jax.Array:
                                (1, 2, 2, 1), 'VALID')
 
 
+def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                   rhs_dilation=None, dimension_numbers=None,
+                   feature_group_count=1, **kwargs):
+  """``lax.conv_general_dilated`` for a plain NHWC/HWIO 'VALID' convolution,
+  as one matrix product of the input's shifted windows (im2col).
+
+  ``y[b, i, j, :] = Σ_{u,v,c} x[b, i+u, j+v, c] W[u, v, c, :]`` is
+  ``P @ W.reshape(kh·kw·cin, cout)`` with ``P`` the ``kh·kw`` shifted slices
+  of ``x`` side by side. For the MultiLeNet's first layer (one input
+  channel) XLA:CPU's convolution is slow, most of all its kernel gradient
+  (a 25 × 147456 by 147456 × 10 contraction that it runs as a convolution);
+  as a product it is about 3x faster (``benchmarks/bench_step.py --conv``).
+  The same values as the convolution up to float32 summation order (tested).
+  Anything else (strides, dilation, padding, groups, other layouts) goes to
+  ``lax.conv_general_dilated``. For ``nnx.Conv(...,
+  conv_general_dilated=conv_as_matmul)``.
+  """
+  ones = lambda t: t is None or all(d == 1 for d in t)
+  plain = ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
+  valid = (padding == 'VALID' if isinstance(padding, str) else
+           all(tuple(p) == (0, 0) for p in padding))
+  nhwc = lhs.ndim == 4 and dimension_numbers == jax.lax.conv_dimension_numbers(
+      lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  extra = {k: v for k, v in kwargs.items() if v is not None}
+  if not (plain and valid and nhwc and feature_group_count == 1
+          and set(extra) <= {'precision'}):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, **kwargs)
+  kh, kw, cin, cout = rhs.shape
+  b, h, w, _ = lhs.shape
+  oh, ow = h - kh + 1, w - kw + 1
+  windows = jnp.concatenate([lhs[:, u:u + oh, v:v + ow, :]
+                             for u in range(kh) for v in range(kw)], axis=-1)
+  precision = kwargs.get('precision')
+  y = jnp.matmul(windows.reshape(b * oh * ow, kh * kw * cin),
+                 rhs.reshape(kh * kw * cin, cout), precision=precision)
+  return y.reshape(b, oh, ow, cout)
+
+
 class Encoder(nnx.Module):
   """The shared LeNet trunk: ``(B, 28, 28, 1) -> (B, 50)``."""
 
   def __init__(self, *, rngs: nnx.Rngs,
                pool: Callable[[jax.Array], jax.Array] = max_pool_2x2,
                rep_dim: int = 50):
-    self.conv1 = nnx.Conv(1, 10, (5, 5), padding='VALID', rngs=rngs)
+    # One input channel: as a matrix product (see conv_as_matmul).
+    self.conv1 = nnx.Conv(1, 10, (5, 5), padding='VALID', rngs=rngs,
+                          conv_general_dilated=conv_as_matmul)
     self.conv2 = nnx.Conv(10, 20, (5, 5), padding='VALID', rngs=rngs)
     # Channel dropout (PyTorch's Dropout2d): one mask per (example, channel).
     self.dropout = nnx.Dropout(0.5, broadcast_dims=(1, 2))
