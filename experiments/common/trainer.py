@@ -448,8 +448,13 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
     train_x = train_x[:config.max_train_examples]
     train_y = jax.tree.map(lambda l: l[:config.max_train_examples], train_y)
   on_host = host_input(config)
-  # The training set stays in host memory for host input.
-  put = np.asarray if on_host else jnp.asarray
+  # The training set stays in host memory for host input (in the dtypes
+  # jnp.asarray would give it: float64 becomes float32 without x64).
+  def put(a):
+    if not on_host:
+      return jnp.asarray(a)
+    a = np.asarray(a)
+    return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
   images = put(train_x)
   labels = jax.tree.map(put, experiment.select_labels(train_y, tasks))
   splits = {s: (jnp.asarray(getattr(data, s)[0]),
