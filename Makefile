@@ -16,7 +16,7 @@ DATA_SET := $(if $(MNIST_DIR),--set data.mnist_dir=$(MNIST_DIR),)
 EPOCHS ?= 10
 SEEDS ?= 0 1 2
 
-.PHONY: train test bench bench-peers reproduce-multimnist reproduce-architectures check-multimnist venv clean
+.PHONY: train test bench bench-gpu gpu-wheels bench-peers reproduce-multimnist reproduce-architectures check-multimnist venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,20 @@ bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_dense --time
 	$(PY) -m benchmarks.bench_nn
 	$(PY) -m benchmarks.bench_nn --parts multimnist
+
+# The Performance issue's GPU figures, for a lent GPU machine (no registry
+# there): `make gpu-wheels` here, then run `bash benchmarks/gpu.sh` there
+# with .gpu-wheels carried along.
+gpu-wheels:
+	mkdir -p .gpu-wheels
+	for v in 3.10 3.11 3.12 3.13; do $(PYTHON) -m pip download --quiet \
+	  --no-deps --only-binary=:all: --python-version $$v \
+	  --platform manylinux2014_x86_64 PyYAML -d .gpu-wheels; done
+	$(PYTHON) -m pip download --quiet --no-deps ml_collections tqdm absl-py \
+	  -d .gpu-wheels
+
+bench-gpu:
+	bash benchmarks/gpu.sh
 
 # Against the PyTorch peers (TorchJD, the paper's PyTorch way); not part of
 # the tests. A separate environment: torch pinned to 2.13.0, which installs a

@@ -2,6 +2,7 @@
 ``bench_peers`` section 3.
 
     python -m benchmarks.peer_worker --framework jax --tasks 2 --repeats 30
+    python -m benchmarks.peer_worker --framework torch --tasks 40 --device cuda
 
 Times the reference kernel (:func:`reference_seconds`), then the steps, then
 the reference kernel again, and prints one JSON line: ``{'framework',
@@ -38,17 +39,18 @@ def reference_seconds(repeats: int = 30, n: int = 384) -> float:
   return median_time(lambda: a @ a, repeats, warmup=0)
 
 
-def jax_steps(k, repeats):
+def jax_steps(k, repeats, device=None):
+  del device  # JAX's default device
   from benchmarks import bench_step  # pylint: disable=g-import-not-at-top
   steps, params, x, labels = bench_step.make_steps(
       k, CLASSES[k], which=('uniform', 'mgda_ub'))
   return bench_step.time_steps(steps, params, x, labels, repeats)
 
 
-def torch_steps(k, repeats):
+def torch_steps(k, repeats, device='cpu'):
   from benchmarks import peers_torch  # pylint: disable=g-import-not-at-top
-  return {name: median_time(fn, repeats)
-          for name, fn in peers_torch.torch_steps(k, CLASSES[k]).items()}
+  return {name: median_time(fn, repeats) for name, fn in
+          peers_torch.torch_steps(k, CLASSES[k], device=device).items()}
 
 
 def main(argv=None):
@@ -56,10 +58,12 @@ def main(argv=None):
   p.add_argument('--framework', choices=('jax', 'torch'), required=True)
   p.add_argument('--tasks', type=int, choices=sorted(CLASSES), required=True)
   p.add_argument('--repeats', type=int, default=30)
+  p.add_argument('--device', default='cpu',
+                 help="torch's device (cpu, cuda); JAX uses its default")
   args = p.parse_args(argv)
   run = jax_steps if args.framework == 'jax' else torch_steps
   before = reference_seconds()
-  steps = run(args.tasks, args.repeats)
+  steps = run(args.tasks, args.repeats, args.device)
   after = reference_seconds()
   print(json.dumps({'framework': args.framework, 'tasks': args.tasks,
                     'reference': [before, after], 'steps': steps}),

@@ -1,5 +1,7 @@
 """The MultiMNIST step in PyTorch, the paper's way and TorchJD's (imports
-torch only: it runs in its own process in ``bench_peers``' section 3)."""
+torch only: it runs in its own process in ``bench_peers``' section 3, and
+on a GPU in ``benchmarks/gpu.sh``). TorchJD is optional: without it its
+step is left out."""
 
 import inspect
 
@@ -7,8 +9,6 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-import torchjd
-from torchjd import aggregation as tjd_agg
 
 from benchmarks import paper_numpy
 
@@ -62,15 +62,18 @@ def python_frank_wolfe(grads, max_iter=250, stop=1e-5):
   return alpha
 
 
-def torch_steps(num_tasks, num_classes, batch=256):
+def torch_steps(num_tasks, num_classes, batch=256, device='cpu'):
+  """The steps as functions of nothing; on a GPU each waits for its work
+  (``torch.cuda.synchronize``), so that wall time measures it."""
   torch.manual_seed(0)
-  model = TorchMultiLeNet(num_tasks, num_classes)
+  model = TorchMultiLeNet(num_tasks, num_classes).to(device)
   model.train()
   opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
   rng = np.random.default_rng(0)
-  x = torch.from_numpy(rng.uniform(size=(batch, 1, 28, 28)).astype(np.float32))
+  x = torch.from_numpy(rng.uniform(size=(batch, 1, 28, 28)).astype(
+      np.float32)).to(device)
   y = torch.from_numpy(rng.integers(0, num_classes,
-                                    size=(num_tasks, batch))).long()
+                                    size=(num_tasks, batch))).long().to(device)
   shared = [p for n, p in model.named_parameters() if not n.startswith('heads')]
 
   def uniform():
@@ -98,6 +101,12 @@ def torch_steps(num_tasks, num_classes, batch=256):
     loss.backward()
     opt.step()
 
+  steps = {'uniform': uniform, 'paper MGDA-UB': paper_mgda_ub}
+  try:
+    import torchjd  # pylint: disable=g-import-not-at-top
+    from torchjd import aggregation as tjd_agg  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return _synchronized(steps, device)
   try:  # torchjd >= 0.17
     from torchjd.autojac import jac_to_grad  # pylint: disable=g-import-not-at-top
     from torchjd.autojac import mtl_backward  # pylint: disable=g-import-not-at-top
@@ -117,5 +126,17 @@ def torch_steps(num_tasks, num_classes, batch=256):
       jac_to_grad(shared, aggregator)
     opt.step()
 
-  return {'uniform': uniform, 'paper MGDA-UB': paper_mgda_ub,
-          'TorchJD mtl_backward (MGDA)': torchjd_mgda}
+  steps['TorchJD mtl_backward (MGDA)'] = torchjd_mgda
+  return _synchronized(steps, device)
+
+
+def _synchronized(steps, device):
+  if not str(device).startswith('cuda'):
+    return steps
+
+  def wait(fn):
+    def step():
+      fn()
+      torch.cuda.synchronize()
+    return step
+  return {name: wait(fn) for name, fn in steps.items()}

@@ -1,7 +1,7 @@
 """Run by test_multidevice.py: MultiMNIST across processes (jax.distributed).
 
-    multiprocess_script.py worker PROCESS_ID PORT WORKDIR EPOCHS
-    multiprocess_script.py single WORKDIR EPOCHS
+    multiprocess_script.py worker PROCESS_ID PORT WORKDIR EPOCHS [INPUT]
+    multiprocess_script.py single WORKDIR EPOCHS [INPUT]
 
 ``worker``: one of two processes of a job on this machine (loopback
 coordinator on PORT), each with 4 simulated CPU devices, training the test
@@ -32,12 +32,14 @@ from experiments.multimnist import train  # pylint: disable=g-import-not-at-top,
 
 def main():
   if sys.argv[1] == 'worker':
-    pid, port, workdir, epochs = sys.argv[2:]
+    pid, port, workdir, epochs, *where = sys.argv[2:]
     dist = ['--distributed', f'--coordinator_address=127.0.0.1:{port}',
             '--num_processes=2', f'--process_id={pid}']
   else:
-    workdir, epochs = sys.argv[2:]
+    workdir, epochs, *where = sys.argv[2:]
     dist = []
+  # config.input: the default ('auto') unless given.
+  dist += [f'--config.input={w}' for w in where]
   # The IDX files of the generated digits, written once by the test.
   mnist_dir = os.path.join(os.path.dirname(workdir), 'mnist')
   argv = ['prog', '--config=experiments/multimnist/configs/test.py',
@@ -58,7 +60,11 @@ def main():
       rows.append(block.shape[0] * block.shape[1])
       return block
     out = make(shape, sharding, counted)
-    if len(shape) >= 4:  # the images, (chunk, B, H, W, ...)
+    # The training images' batches, (chunk, B, H, W, ...) split over the
+    # batch axis (not, e.g., a checkpoint's arrays).
+    spec = trainer.jax.sharding.PartitionSpec(None, 'data')
+    batched = getattr(sharding, 'spec', None) == spec
+    if batched and len(shape) >= 4:
       gathered.append(sum(rows))
     return out
   trainer.jax.make_array_from_callback = counting

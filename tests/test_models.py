@@ -4,6 +4,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments.multimnist import models
 
@@ -58,10 +59,36 @@ def test_conv_as_matmul_equals_the_convolution_with_gradients():
     np.testing.assert_allclose(g_ours[0].kernel[...], g_ref[0].kernel[...],
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(g_ours[1], g_ref[1], rtol=1e-4, atol=1e-5)
-  # Strides, padding: the convolution itself.
-  conv = nnx.Conv(1, 4, (3, 3), strides=2, padding='SAME', rngs=nnx.Rngs(0),
-                  conv_general_dilated=models.conv_as_matmul)
-  assert _has_conv(lambda x: conv(x), jnp.zeros((2, 8, 8, 1)))
+
+
+@pytest.mark.parametrize('case, product', [
+    ({}, True),
+    ({'padding': ((0, 0), (0, 0))}, True),
+    ({'dimension_numbers': ('NHWC', 'HWIO', 'NHWC')}, True),
+    ({'window_strides': (2, 1)}, False),
+    ({'padding': ((1, 0), (0, 1))}, False),
+    ({'padding': 'SAME'}, False),
+    ({'lhs_dilation': (2, 2), 'padding': ((0, 0), (0, 0))}, False),
+    ({'rhs_dilation': (1, 2)}, False),
+    ({'preferred_element_type': jnp.float32}, False),
+    ({'dimension_numbers': ('NCHW', 'OIHW', 'NCHW')}, False),
+])
+def test_conv_as_matmul_takes_the_product_only_where_it_applies(case,
+                                                                product):
+  """One condition per case; either way the convolution's values."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  kwargs = {'window_strides': (1, 1), 'padding': 'VALID',
+            'dimension_numbers': jax.lax.conv_dimension_numbers(
+                x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC')), **case}
+  if case.get('dimension_numbers') == ('NCHW', 'OIHW', 'NCHW'):
+    x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
+  strides = kwargs.pop('window_strides')
+  padding = kwargs.pop('padding')
+  ours = lambda x, w: models.conv_as_matmul(x, w, strides, padding, **kwargs)
+  ref = jax.lax.conv_general_dilated(x, w, strides, padding, **kwargs)
+  assert _has_conv(ours, x, w) != product
+  np.testing.assert_allclose(ours(x, w), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_multilenet_is_unchanged_by_its_first_layer_as_a_product():

@@ -95,6 +95,7 @@ def test_multimnist_training_on_8_devices_equals_one_device(method):
   assert any('gathered on the host' in m for m in out['log8host'])
   for host, device in (('8host', '8'), ('8host_chunk2', '8'),
                        ('1host_chunk2', '1')):
+    assert len(out[host]) == len(out[device]) == 2
     for a, b in zip(out[device], out[host]):
       for k in ('train_loss', 'weights', 'val_loss', 'test_acc'):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7,
@@ -107,7 +108,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _job(workdir, epochs, timeout=420):
+def _job(workdir, epochs, *where, timeout=420):
   """Two processes (4 simulated devices each) on a loopback coordinator;
   both are stopped here whatever happens. Returns process 0's result."""
   script = os.path.join(os.path.dirname(__file__), 'multiprocess_script.py')
@@ -118,7 +119,8 @@ def _job(workdir, epochs, timeout=420):
   # its peer at the next collective.
   logs = [open(f'{workdir}.{i}.log', 'w+') for i in range(2)]  # pylint: disable=consider-using-with
   procs = [subprocess.Popen(
-      [sys.executable, script, 'worker', str(i), port, workdir, str(epochs)],
+      [sys.executable, script, 'worker', str(i), port, workdir, str(epochs),
+       *where],
       stdout=logs[i], stderr=subprocess.STDOUT, text=True, env=env,
       cwd=root) for i in range(2)]
   outs = []
@@ -140,8 +142,10 @@ def _job(workdir, epochs, timeout=420):
   # Every process returns the same figures (its own clock aside).
   for o in outs:
     o.pop('seconds_per_epoch')
-  # Each process gathered only its half of each batch of 64 (host input).
-  assert outs[0]['rows_per_batch'] == outs[1]['rows_per_batch'] == 32
+  # Host input (the default): each process gathered only its half of each
+  # batch of 64; device input: none (the training set is on the devices).
+  rows = 0 if where == ('device',) else 32
+  assert outs[0]['rows_per_batch'] == outs[1]['rows_per_batch'] == rows
   assert outs[0] == outs[1]
   return outs[0]
 
@@ -153,8 +157,10 @@ def test_multimnist_across_two_processes_equals_one_process(tmp_path):
   for the second (a multi-process checkpoint written and restored); its
   losses, weights and accuracies must equal an uninterrupted two-epoch run
   in one process on 8 devices (itself tested equal to one device above).
-  Each process gathers only its own half of each batch (host input), and
-  only process 0 writes the run's files.
+  Each process gathers only its own half of each batch (host input, the
+  default across processes), and only process 0 writes the run's files. A
+  job with the training set on the devices (device input) gives the same
+  first epoch.
   """
   import multiprocess_script  # pylint: disable=g-import-not-at-top
   multiprocess_script.write_mnist(str(tmp_path / 'mnist'))
@@ -169,7 +175,7 @@ def test_multimnist_across_two_processes_equals_one_process(tmp_path):
     a = [json.loads(l) for l in f]
   with open(str(tmp_path / 'single' / 'metrics.jsonl')) as f:
     b = [json.loads(l) for l in f]
-  assert [r['epoch'] for r in a] == [1, 2]
+  assert [r['epoch'] for r in a] == [r['epoch'] for r in b] == [1, 2]
   for ra, rb in zip(a, b):
     np.testing.assert_allclose(ra['train_loss'], rb['train_loss'], rtol=1e-5)
     np.testing.assert_allclose(ra['weights'], rb['weights'], rtol=1e-4,
@@ -181,3 +187,13 @@ def test_multimnist_across_two_processes_equals_one_process(tmp_path):
       np.testing.assert_allclose(resumed[k], v, rtol=1e-5, err_msg=k)
   assert os.path.exists(os.path.join(job, 'final.json'))
   assert os.path.isdir(os.path.join(job, 'checkpoints', '2'))
+  # Device input across processes (each holds the training set on its
+  # devices): the same first epoch.
+  on_devices = str(tmp_path / 'on_devices')
+  _job(on_devices, 1, 'device')
+  with open(os.path.join(on_devices, 'metrics.jsonl')) as f:
+    c = [json.loads(l) for l in f]
+  assert [r['epoch'] for r in c] == [1]
+  for k in ('train_loss', 'weights', 'val_loss', 'test_acc'):
+    np.testing.assert_allclose(c[0][k], b[0][k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)

@@ -2,8 +2,8 @@
 
 Everything a step does is one jitted XLA program: an epoch is a few calls of
 a ``lax.scan`` over chunks of on-device batches (gathered from the
-device-resident training set), and nothing leaves the device until the
-chunk ends. Per epoch it writes
+device-resident training set, or on the host with ``config.input='host'``),
+and nothing leaves the device until the chunk ends. Per epoch it writes
 
 * ``metrics.jsonl``: losses, every evaluation metric per task and split, the
   method's task weights and its solver's certificate and steps, seconds;
@@ -624,6 +624,12 @@ def host_input(config) -> bool:
   return config.input == 'host'
 
 
+def batch_spec(sharding):
+  """The ``PartitionSpec`` of a chunk of batches, ``(chunk, B, ...)``: the
+  batch's own (``sharding``'s) one step in."""
+  return jax.sharding.PartitionSpec(None, *sharding.spec)
+
+
 def host_batches(tree, batch_idx, sharding):
   """The rows ``batch_idx`` (``(chunk, B)``) of each host array in ``tree``.
 
@@ -636,8 +642,7 @@ def host_batches(tree, batch_idx, sharding):
   """
   if sharding is None:
     return jax.tree.map(lambda a: jnp.asarray(a[batch_idx]), tree)
-  spec = jax.sharding.NamedSharding(
-      sharding.mesh, jax.sharding.PartitionSpec(None, 'data'))
+  spec = jax.sharding.NamedSharding(sharding.mesh, batch_spec(sharding))
 
   def one(a):
     shape = batch_idx.shape + a.shape[1:]

@@ -43,19 +43,24 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None,
   ``P @ W.reshape(kh·kw·cin, cout)`` with ``P`` the ``kh·kw`` shifted slices
   of ``x`` side by side. For the MultiLeNet's first layer (one input
   channel) XLA:CPU's convolution is slow, most of all its kernel gradient
-  (a 25 × 147456 by 147456 × 10 contraction that it runs as a convolution);
-  as a product it is about 3x faster (``benchmarks/bench_step.py --conv``).
-  The same values as the convolution up to float32 summation order (tested).
-  Anything else (strides, dilation, padding, groups, other layouts) goes to
-  ``lax.conv_general_dilated``. For ``nnx.Conv(...,
+  (a 25 × 147456 by 147456 × 10 contraction that it runs as a convolution,
+  3.3x slower than the product in a one-off timing). On a 2-core CPU the
+  whole training step is 1.3-1.6x faster (``benchmarks/bench_step.py
+  --conv``; BENCHMARKS.md); on one core it is not faster, and on GPUs it is
+  not measured yet (``benchmarks/gpu.sh`` runs that comparison). The same
+  values as the convolution up to float32 summation order (tested).
+  Anything else (strides, dilation, padding, groups, other layouts or
+  options) goes to ``lax.conv_general_dilated``. For ``nnx.Conv(...,
   conv_general_dilated=conv_as_matmul)``.
   """
   ones = lambda t: t is None or all(d == 1 for d in t)
   plain = ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
   valid = (padding == 'VALID' if isinstance(padding, str) else
            all(tuple(p) == (0, 0) for p in padding))
-  nhwc = lhs.ndim == 4 and dimension_numbers == jax.lax.conv_dimension_numbers(
-      lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  nhwc = lhs.ndim == 4 and dimension_numbers is not None and (
+      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                        ('NHWC', 'HWIO', 'NHWC')))
   extra = {k: v for k, v in kwargs.items() if v is not None}
   if not (plain and valid and nhwc and feature_group_count == 1
           and set(extra) <= {'precision'}):
