@@ -9,7 +9,8 @@ ratios to uniform weighting (one backward pass of the summed loss):
 * K = 2 heads (dense 50->50->10), and K = 40 heads (dense 50->50->2);
 * ``--scaling`` (``--only-scaling``): MGDA-UB / uniform as K grows (2 ...
   256) and as the representation Z grows (50 ... 800 wide), in time and in
-  XLA's temporary memory (``compiled.memory_analysis()``);
+  XLA's temporary memory (``compiled.memory_analysis()``); as K grows, also
+  MGDA-UB with the heads' ``fuse_copies`` option (``models.dense_on_copies``);
 * ``--pool``: the uniform step with reshape-and-max pooling against
   ``lax.reduce_window`` pooling;
 * ``--conv``: the uniform and MGDA-UB steps with the first layer as
@@ -51,12 +52,13 @@ GRADIENT_METHODS = {
 
 def make_steps(num_tasks, num_classes, batch=256, rep_dim=50,
                pool=models.max_pool_2x2, which=('uniform', 'mgda_ub', 'mgda'),
-               first_conv=None):
+               first_conv=None, fuse_copies=False):
   """Jitted training steps and their initial arguments (``first_conv``:
-  another function for the first layer's ``nnx.Conv``)."""
+  another function for the first layer's ``nnx.Conv``; ``fuse_copies``:
+  the heads' option of that name)."""
   names = [f'task{i}' for i in range(num_tasks)]
   model = models.MultiLeNet(names, num_classes, rngs=nnx.Rngs(0), pool=pool,
-                            rep_dim=rep_dim)
+                            rep_dim=rep_dim, fuse_copies=fuse_copies)
   if first_conv is not None:
     model.encoder.conv1.conv_general_dilated = first_conv
   _, params, encode, task_losses = models.functional(model)
@@ -211,16 +213,24 @@ def _conv(args):
 
 def _scaling(args):
   print('\n== MGDA-UB / uniform as K grows (heads 50->50->2) ==')
+  print('  (fused: the heads built with fuse_copies=True, timed in the same '
+        'rotation)')
   for k in (2, 10, 40, 100, 256):
-    built = make_steps(k, 2, which=('uniform', 'mgda_ub'))
+    steps, *rest = make_steps(k, 2, which=('uniform', 'mgda_ub'))
+    fused, *_ = make_steps(k, 2, which=('mgda_ub',), fuse_copies=True)
+    built = ({**steps, 'fused': fused['mgda_ub']}, *rest)
     t = time_steps(*built, args.repeats)
     mem = temp_bytes(*built)
     print(f"  K={k:3d}: uniform {t['uniform'] * 1e3:8.2f} ms, MGDA-UB "
           f"{t['mgda_ub'] * 1e3:8.2f} ms, ratio "
-          f"{t['mgda_ub'] / t['uniform']:.2f}; XLA temp memory uniform "
+          f"{t['mgda_ub'] / t['uniform']:.2f}, fused "
+          f"{t['fused'] * 1e3:8.2f} ms, ratio "
+          f"{t['fused'] / t['uniform']:.2f}; XLA temp memory uniform "
           f"{mem['uniform'] / 2**20:7.2f} MiB, MGDA-UB "
           f"{mem['mgda_ub'] / 2**20:7.2f} MiB "
-          f"({mem['mgda_ub'] / mem['uniform']:.2f}x)")
+          f"({mem['mgda_ub'] / mem['uniform']:.2f}x), fused "
+          f"{mem['fused'] / 2**20:7.2f} MiB "
+          f"({mem['fused'] / mem['uniform']:.2f}x)")
   print('\n== MGDA-UB / uniform as the representation grows (K=2) ==')
   for width in (50, 200, 800):
     built = make_steps(2, 10, rep_dim=width, which=('uniform', 'mgda_ub'))

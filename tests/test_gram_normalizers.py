@@ -28,6 +28,23 @@ def test_gram_matrix_of_a_pytree():
   np.testing.assert_allclose(gram, flat @ flat.T, rtol=1e-5)
 
 
+def test_gram_matrix_of_transposed_and_high_rank_leaves_under_jit():
+  # Leaves are flattened to (K, n) before the product: a transposed leaf (a
+  # non-trivial layout inside jit) and a rank-5 leaf must give numpy's Gram.
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(6, 4, 3, 5))
+  b = rng.normal(size=(6, 2, 3, 2, 2))
+
+  def grads(a, b):
+    return {'a': jnp.transpose(a, (0, 3, 1, 2)), 'b': b}
+
+  gram = jax.jit(lambda a, b: mgda_jax.gram_matrix(grads(a, b)))(
+      jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  flat = np.concatenate([np.transpose(a, (0, 3, 1, 2)).reshape(6, -1),
+                         b.reshape(6, -1)], axis=1)
+  np.testing.assert_allclose(gram, flat @ flat.T, rtol=1e-5)
+
+
 def test_gram_matrix_accumulates_bfloat16_in_float32():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 4096))

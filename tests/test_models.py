@@ -124,6 +124,39 @@ def test_stacked_heads_per_task_input_equals_shared_input():
                              + heads.b2[...][2], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('train', [False, True])
+def test_fused_copies_equal_the_per_copy_heads(train):
+  # dense_on_copies against the batched per-copy product: the values, the
+  # gradient w.r.t. every copy (task t's own) and the heads' parameter
+  # gradients, for identical copies of Z under the same dropout key.
+  fused = models.StackedHeads(5, 3, rngs=nnx.Rngs(1), fuse_copies=True)
+  plain = models.StackedHeads(5, 3, rngs=nnx.Rngs(1))
+  z = jax.random.normal(jax.random.key(2), (7, 50))
+  zs = jnp.broadcast_to(z, (5, 7, 50))
+  key = jax.random.key(3)
+  w = jax.random.normal(jax.random.key(4), (5, 7, 3))
+
+  def out(m, zs):
+    return jnp.sum(w * m(zs, key=key, train=train))
+  for m in (fused, plain):
+    assert m(zs, key=key, train=train).shape == (5, 7, 3)
+  np.testing.assert_allclose(fused(zs, key=key, train=train),
+                             plain(zs, key=key, train=train),
+                             rtol=1e-5, atol=1e-6)
+  gf = nnx.grad(out, argnums=(0, 1))(fused, zs)
+  gp = nnx.grad(out, argnums=(0, 1))(plain, zs)
+  np.testing.assert_allclose(gf[1], gp[1], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(nnx.state(gf[0])),
+                  jax.tree.leaves(nnx.state(gp[0]))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Copy t's gradient is task t's alone (finite check against jacrev of the
+  # shared-input heads restricted to task t's output).
+  t = 3
+  ref = jax.grad(lambda z: jnp.sum(w[t] * plain(z, key=key,
+                                                train=train)[t]))(z)
+  np.testing.assert_allclose(gf[1][t], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_nll_per_task():
   logits = jax.random.normal(jax.random.key(4), (2, 6, 10))
   labels = jnp.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 0], [1, 1]])

@@ -91,12 +91,17 @@ def gram_matrix(task_grads) -> jax.Array:
   dtype = dtypes.solve_dtype(jnp.result_type(*[leaf.dtype for leaf in leaves]))
   gram = jnp.zeros((k, k), dtype)
   for leaf in leaves:
+    out_sharding = devices.contract_out_sharding(leaf)
+    if leaf.ndim != 2 and out_sharding is None:
+      # One (K, n) x (n, K) matrix product: a reshape of a row-major leaf is
+      # free, and XLA:CPU runs a product contracting several axes at once
+      # 1.3-2.5x slower (BENCHMARKS.md, "Where MGDA-UB's time goes at
+      # K = 256"). A leaf sharded on an Explicit mesh keeps its axes, so
+      # that its sharding needs no reshape rule.
+      leaf = leaf.reshape(k, -1)
     axes = tuple(range(1, leaf.ndim))
-    if not axes:
-      leaf = leaf[:, None]
-      axes = (1,)
     gram = gram + jax.lax.dot_general(
         leaf, leaf, ((axes, axes), ((), ())),
         precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype,
-        out_sharding=devices.contract_out_sharding(leaf))
+        out_sharding=out_sharding)
   return gram
