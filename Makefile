@@ -45,7 +45,7 @@ test: $(VENV)/.stamp-experiments+test
 
 bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_solver --variants --scaling $(ARGS)
-	$(PY) -m benchmarks.bench_step --pool --conv --scaling --methods
+	$(PY) -m benchmarks.bench_step --pool --conv --scan --scaling --methods
 	$(PY) -m benchmarks.bench_devices
 	$(PY) -m benchmarks.bench_tag
 	$(PY) -m benchmarks.bench_dense --time

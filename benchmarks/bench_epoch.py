@@ -5,15 +5,16 @@ own loop, evaluation included) on random data of MultiMNIST's sizes (50k
 training, 10k validation and 10k test images of 28 x 28; the cost does not
 depend on the pixels), two epochs per configuration, and reports the second
 epoch's seconds (the first includes compilation). Each method runs with
-``config.chunk`` 1 (one compiled step per call, the CPU default) and 15 (a
-``lax.scan`` of 15 steps per call, the accelerator default), in one run.
+``config.chunk`` 1 (one compiled step per call) and 15 (a ``lax.scan`` of
+15 steps per call, MultiMNIST's default on CPU and on accelerators), in one
+run.
 
     python -m benchmarks.bench_epoch [--methods mgda_ub,uniform_weighting]
         [--chunks 1,15] [--train 50000]
 
 It is part of ``benchmarks/gpu.sh`` (the Performance issue's GPU figures);
-on a 2-core CPU the scanned epoch is several times slower (BENCHMARKS.md,
-"Epoch structure on XLA:CPU").
+on a 2-core CPU the scanned epoch is 1.1x faster (BENCHMARKS.md, "Epoch
+structure on XLA:CPU").
 """
 
 import argparse

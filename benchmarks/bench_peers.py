@@ -215,6 +215,14 @@ def step_section(repeats, blocks=2, tolerance=0.10, retries=2, log=print):
           f'{t_torch["uniform"] / t_jax["uniform"]:.2f}; TorchJD '
           f'mtl_backward / our MGDA-UB = '
           f'{t_torch["TorchJD mtl_backward (MGDA)"] / t_jax["mgda_ub"]:.2f}')
+    if 'uniform (scan)' in t_jax:
+      print(f'        in a 15-step lax.scan (how a MultiMNIST epoch runs): '
+            f'mgda_jax uniform {t_jax["uniform (scan)"] * 1e3:.1f}, MGDA-UB '
+            f'{t_jax["mgda_ub (scan)"] * 1e3:.1f} ms per step; PyTorch '
+            f'uniform / ours = '
+            f'{t_torch["uniform"] / t_jax["uniform (scan)"]:.2f}; '
+            f'paper-style PyTorch MGDA-UB / ours = '
+            f'{t_torch["paper MGDA-UB"] / t_jax["mgda_ub (scan)"]:.2f}')
     print(f'        reference matmul {min(refs()) * 1e3:.2f}-'
           f'{max(refs()) * 1e3:.2f}'
           f' ms over the blocks; {reruns} re-run(s); '

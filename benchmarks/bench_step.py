@@ -15,6 +15,9 @@ ratios to uniform weighting (one backward pass of the summed loss):
   ``lax.reduce_window`` pooling;
 * ``--conv``: the uniform and MGDA-UB steps with the first layer as
   ``models.conv_as_matmul`` (the model's) against ``lax.conv_general_dilated``;
+* ``--scan``: a step per call against steps inside one ``lax.scan``, with
+  the second layer as ``lax.conv_general_dilated`` or
+  ``models.conv_nhwc_grads`` (the model's);
 * ``--methods``: every gradient method of the library (MGDA-UB's input:
   per-task gradients at Z, one pullback) at K = 2, 10 and 40, as a ratio to
   uniform weighting timed in the same rotation.
@@ -52,15 +55,17 @@ GRADIENT_METHODS = {
 
 def make_steps(num_tasks, num_classes, batch=256, rep_dim=50,
                pool=models.max_pool_2x2, which=('uniform', 'mgda_ub', 'mgda'),
-               first_conv=None, fuse_copies=False):
-  """Jitted training steps and their initial arguments (``first_conv``:
-  another function for the first layer's ``nnx.Conv``; ``fuse_copies``:
-  the heads' option of that name)."""
+               first_conv=None, second_conv=None, fuse_copies=False):
+  """Jitted training steps and their initial arguments (``first_conv``,
+  ``second_conv``: another function for that layer's ``nnx.Conv``;
+  ``fuse_copies``: the heads' option of that name)."""
   names = [f'task{i}' for i in range(num_tasks)]
   model = models.MultiLeNet(names, num_classes, rngs=nnx.Rngs(0), pool=pool,
                             rep_dim=rep_dim, fuse_copies=fuse_copies)
   if first_conv is not None:
     model.encoder.conv1.conv_general_dilated = first_conv
+  if second_conv is not None:
+    model.encoder.conv2.conv_general_dilated = second_conv
   _, params, encode, task_losses = models.functional(model)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(size=(batch, 28, 28, 1)), jnp.float32)
@@ -211,6 +216,43 @@ def _conv(args):
             f"matmul {t[f'{m} convolution'] / t[f'{m} matmul']:.2f}")
 
 
+def scanned_seconds(step, params, opt_state, x, labels, length=15,
+                    repeats=5):
+  """Median seconds per step of ``length`` steps in one ``lax.scan``."""
+  key = jax.random.key(1)
+
+  @jax.jit
+  def run(params, opt_state):
+    def body(carry, i):
+      p, s, _ = step(*carry, x, labels, jax.random.fold_in(key, i))
+      return (p, s), None
+    return jax.lax.scan(body, (params, opt_state), jnp.arange(length))[0]
+
+  state = jax.block_until_ready(run(params, opt_state))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(run(*state))
+    times.append((time.perf_counter() - t0) / length)
+  return float(np.median(times))
+
+
+def _scan(args):
+  print('\n== a step per call against 15 steps in one lax.scan, with the '
+        'second layer (10 -> 20, 5x5) as lax.conv_general_dilated or '
+        'conv_nhwc_grads (K=2) ==')
+  for name, conv in (('lax', jax.lax.conv_general_dilated),
+                     ('conv_nhwc_grads', models.conv_nhwc_grads)):
+    steps, params, x, labels = make_steps(2, 10, second_conv=conv,
+                                          which=('uniform', 'mgda_ub'))
+    per_call = time_steps(steps, params, x, labels, args.repeats)
+    for m, (fn, opt_state) in steps.items():
+      scanned = scanned_seconds(fn, params, opt_state, x, labels)
+      print(f'  {name:16s} {m:8s}: per call {per_call[m] * 1e3:8.2f} ms, '
+            f'scanned {scanned * 1e3:8.2f} ms per step, scanned / per call '
+            f'{scanned / per_call[m]:.2f}', flush=True)
+
+
 def _scaling(args):
   print('\n== MGDA-UB / uniform as K grows (heads 50->50->2) ==')
   print('  (fused: the heads built with fuse_copies=True, timed in the same '
@@ -253,6 +295,8 @@ def main(argv=None):
   parser.add_argument('--only-methods', action='store_true')
   parser.add_argument('--only-scaling', action='store_true')
   parser.add_argument('--only-conv', action='store_true')
+  parser.add_argument('--scan', action='store_true')
+  parser.add_argument('--only-scan', action='store_true')
   args = parser.parse_args(argv)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} '
         f'({jax.devices()[0].device_kind}); {platform.processor() or ""} '
@@ -284,12 +328,17 @@ def main(argv=None):
   if args.only_conv:
     _conv(args)
     return
+  if args.only_scan:
+    _scan(args)
+    return
   if not args.only_scaling:
     _main_table(args)
     if args.pool:
       _pool(args)
     if args.conv:
       _conv(args)
+    if args.scan:
+      _scan(args)
   if args.scaling or args.only_scaling:
     _scaling(args)
 

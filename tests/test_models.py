@@ -1,7 +1,10 @@
 """Tests of the MultiMNIST network (Flax NNX) used by experiments/benchmarks."""
 
+import functools
+
 from flax import nnx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,13 +94,102 @@ def test_conv_as_matmul_takes_the_product_only_where_it_applies(case,
   np.testing.assert_allclose(ours(x, w), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_multilenet_is_unchanged_by_its_first_layer_as_a_product():
-  """The model's loss and gradients equal those with conv1 as a convolution
-  (the formulation before), at the same parameters."""
+def _conv_specs(jaxpr):
+  """(lhs, rhs, out) specs of every convolution in a jaxpr, nested ones
+  (custom VJPs, scans) included."""
+  specs = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      dn = eqn.params['dimension_numbers']
+      specs.append((dn.lhs_spec, dn.rhs_spec, dn.out_spec))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      specs += _conv_specs(sub)
+  return specs
+
+
+@pytest.mark.parametrize('cin, kernel, size', [(10, (5, 5), (12, 12)),
+                                                (3, (3, 5), (7, 9)),
+                                                (4, (1, 1), (5, 5))])
+def test_conv_nhwc_grads_equals_the_convolution_with_gradients(cin, kernel,
+                                                               size):
+  """Values, both gradients (against jax's own transposes of
+  lax.conv_general_dilated), and every convolution of the gradient program
+  in the NHWC/HWIO layout, also inside a lax.scan."""
+  kx, kw = jax.random.split(jax.random.key(cin))
+  x = jax.random.normal(kx, (4, *size, cin))
+  w = jax.random.normal(kw, (*kernel, cin, 6)) * 0.2
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape,
+                                      ('NHWC', 'HWIO', 'NHWC'))
+
+  def loss(conv, x, w):
+    return jnp.sum(jnp.sin(conv(x, w, (1, 1), 'VALID',
+                                dimension_numbers=dn)))
+  ours = functools.partial(loss, models.conv_nhwc_grads)
+  ref = functools.partial(loss, jax.lax.conv_general_dilated)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5)
+  g_ours = jax.grad(ours, argnums=(0, 1))(x, w)
+  g_ref = jax.grad(ref, argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  nhwc = (dn.lhs_spec, dn.rhs_spec, dn.out_spec)
+
+  def scanned(x, w):
+    def body(w, _):
+      return w - 0.1 * jax.grad(ours, argnums=1)(x, w), None
+    return jax.lax.scan(body, w, None, length=2)[0]
+  specs = _conv_specs(jax.make_jaxpr(scanned)(x, w).jaxpr)
+  assert len(specs) == 3 and all(s == nhwc for s in specs), specs
+  # The reference's transposes are not all in that layout (why this exists).
+  ref_specs = _conv_specs(jax.make_jaxpr(jax.grad(ref, argnums=(0, 1)))(
+      x, w).jaxpr)
+  assert any(s != nhwc for s in ref_specs)
+
+
+@pytest.mark.parametrize('case, custom', [
+    ({}, True),
+    ({'padding': ((0, 0), (0, 0))}, True),
+    ({'dimension_numbers': ('NHWC', 'HWIO', 'NHWC')}, True),
+    ({'precision': jax.lax.Precision.HIGHEST}, True),
+    ({'window_strides': (2, 1)}, False),
+    ({'padding': 'SAME'}, False),
+    ({'rhs_dilation': (1, 2)}, False),
+    ({'feature_group_count': 3, 'w_cin': 1}, False),
+    ({'dimension_numbers': ('NCHW', 'OIHW', 'NCHW')}, False),
+])
+def test_conv_nhwc_grads_applies_only_to_plain_valid_nhwc(case, custom):
+  """One condition per case; either way the convolution's values and
+  gradients."""
+  case = dict(case)
+  cin = case.pop('w_cin', 3)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, cin, 6))
+  kwargs = {'window_strides': (1, 1), 'padding': 'VALID',
+            'dimension_numbers': jax.lax.conv_dimension_numbers(
+                x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC')), **case}
+  if case.get('dimension_numbers') == ('NCHW', 'OIHW', 'NCHW'):
+    x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
+  strides = kwargs.pop('window_strides')
+  padding = kwargs.pop('padding')
+  ours = lambda x, w: jnp.sum(jnp.sin(models.conv_nhwc_grads(
+      x, w, strides, padding, **kwargs)))
+  ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      x, w, strides, padding, **kwargs)))
+  assert ('custom_vjp' in str(jax.make_jaxpr(ours)(x, w))) == custom
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5)
+  for a, b in zip(jax.grad(ours, argnums=(0, 1))(x, w),
+                  jax.grad(ref, argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_multilenet_is_unchanged_by_its_conv_formulations():
+  """The model's loss and gradients equal those with both layers as
+  lax.conv_general_dilated (the formulation before conv_as_matmul and
+  conv_nhwc_grads), at the same parameters."""
   model = models.MultiLeNet(('left', 'right'), 10, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   plain = nnx.merge(graphdef, params)
   plain.encoder.conv1.conv_general_dilated = jax.lax.conv_general_dilated
+  plain.encoder.conv2.conv_general_dilated = jax.lax.conv_general_dilated
   x = jax.random.uniform(jax.random.key(1), (16, 28, 28, 1))
   labels = jax.random.randint(jax.random.key(2), (16, 2), 0, 10)
 

@@ -275,6 +275,30 @@ def test_an_epoch_is_the_documented_loop(data, tmp_path):
   np.testing.assert_allclose(got['test_acc'], acc, atol=1.5 / 120)
 
 
+@pytest.mark.parametrize('method', ['mgda_ub', 'uniform_weighting'])
+def test_the_cpu_default_chunk_records_what_a_step_per_call_records(
+    method, data, tmp_path):
+  """MultiMNIST scans 15 steps per call on CPU (``cpu_chunk``), which must
+  train exactly as a Python loop over one compiled step: the same losses,
+  weights and accuracies in every epoch's record."""
+  assert train.EXPERIMENT.cpu_chunk == 15
+  records = {}
+  for chunk in (0, 1):  # 0: the default, 15 here (8 batches: chunks of 8)
+    workdir = tmp_path / str(chunk)
+    train.train_and_evaluate(cfg(method=method, chunk=chunk), str(workdir),
+                             data, log=lambda _: None)
+    with open(workdir / 'metrics.jsonl') as f:
+      records[chunk] = [json.loads(line) for line in f]
+    for r in records[chunk]:
+      r.pop('seconds')
+  assert records[0][0].keys() == records[1][0].keys()
+  for a, b in zip(records[0], records[1]):
+    for key in a:
+      np.testing.assert_allclose(np.asarray(a[key], float),
+                                 np.asarray(b[key], float), rtol=1e-6,
+                                 atol=1e-7, err_msg=key)
+
+
 def test_training_learns_the_fake_digits(data, tmp_path):
   c = cfg(method='mgda_ub', epochs=3, max_train_examples=0, batch_size=50,
           chunk=5)

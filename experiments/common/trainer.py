@@ -106,6 +106,12 @@ class Experiment:
       ``'stacked'`` (every leaf ``(K, ...)``, for heads ``vmap``-ed over
       tasks, the default) or ``'tuple'`` (``K`` pytrees, for heads written
       as a loop over tasks, e.g. the ``mgda_jax.nn`` architectures).
+    cpu_chunk: the steps per compiled call on CPU when ``config.chunk`` is
+      0 (accelerators: 15). 1, a Python loop over one compiled step, unless
+      the model's step is measured as fast inside ``lax.scan``: XLA:CPU runs
+      some programs, e.g. JAX's transposed convolutions, much slower in a
+      loop body than at the top level (BENCHMARKS.md, "Epoch structure on
+      XLA:CPU").
   """
 
   name: str
@@ -128,6 +134,7 @@ class Experiment:
   regularizer: Callable[[config_dict.ConfigDict, Any], Any] = (
       lambda config, model: None)
   z_copies: str = 'stacked'
+  cpu_chunk: int = 1
 
 
 def split_model(experiment: Experiment, model):
@@ -328,10 +335,11 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
     themselves, gathered on the host (``(chunk, B, ...)``, see
     :func:`host_batches`).
 
-    A chunk of one step is a plain compiled step: on XLA:CPU a step runs
+    A chunk of one step is a plain compiled step: XLA:CPU runs some steps
     several times slower inside a loop (``lax.scan`` or ``fori_loop``) than
     as a top-level program (BENCHMARKS.md), so on CPU an epoch is a Python
-    loop over one compiled step; accelerators scan longer chunks. The same
+    loop over one compiled step unless the experiment says otherwise
+    (``Experiment.cpu_chunk``); accelerators scan longer chunks. The same
     holds for ``lax.cond``, so a one-step chunk takes the affinity schedule
     from the host (``mode`` 'add' or 'skip'); a longer chunk's steps use
     ``mode='cond'``.
@@ -465,7 +473,8 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   if n_batches == 0:
     raise ValueError(f'{images.shape[0]} training examples are fewer than one '
                      f'batch of {config.batch_size}.')
-  requested = config.chunk or (1 if jax.default_backend() == 'cpu' else 15)
+  requested = config.chunk or (experiment.cpu_chunk
+                               if jax.default_backend() == 'cpu' else 15)
   chunk = largest_divisor_at_most(n_batches, requested)
 
   key = jax.random.key(config.seed)

@@ -51,8 +51,9 @@ class Conv(nnx.Module):
 
   def __init__(self, cin, cout, *, rngs, flatten=False):
     # One input channel (the first layer): as a matrix product, faster
-    # on XLA:CPU (models.conv_as_matmul).
-    conv = models.conv_as_matmul if cin == 1 else jax.lax.conv_general_dilated
+    # on XLA:CPU (models.conv_as_matmul); otherwise gradients in the
+    # canonical layout, fast inside lax.scan too (models.conv_nhwc_grads).
+    conv = models.conv_as_matmul if cin == 1 else models.conv_nhwc_grads
     self.conv = nnx.Conv(cin, cout, (5, 5), padding='VALID', rngs=rngs,
                          conv_general_dilated=conv)
     self.flatten = flatten

@@ -9,6 +9,7 @@ The K heads are one module with stacked parameters, applied with one einsum
 per head). Inputs are NHWC, ``(B, 28, 28, 1)``.
 """
 
+import functools
 from typing import Callable, Sequence
 
 from flax import nnx
@@ -33,6 +34,27 @@ def max_pool_2x2_reduce_window(x: jax.Array) -> jax.Array:
                                (1, 2, 2, 1), 'VALID')
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
+                      rhs_dilation, dimension_numbers, feature_group_count,
+                      kwargs) -> bool:
+  """Whether a ``conv_general_dilated`` call is a plain NHWC/HWIO 'VALID'
+  convolution: unit strides and dilations, one group, no option but
+  ``precision``."""
+  ones = lambda t: t is None or all(d == 1 for d in t)
+  plain = ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
+  valid = (padding == 'VALID' if isinstance(padding, str) else
+           all(tuple(p) == (0, 0) for p in padding))
+  nhwc = lhs.ndim == 4 and dimension_numbers is not None and (
+      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  extra = {k: v for k, v in kwargs.items() if v is not None}
+  return (plain and valid and nhwc and feature_group_count == 1
+          and set(extra) <= {'precision'})
+
+
 def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    rhs_dilation=None, dimension_numbers=None,
                    feature_group_count=1, **kwargs):
@@ -53,17 +75,9 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None,
   options) goes to ``lax.conv_general_dilated``. For ``nnx.Conv(...,
   conv_general_dilated=conv_as_matmul)``.
   """
-  ones = lambda t: t is None or all(d == 1 for d in t)
-  plain = ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
-  valid = (padding == 'VALID' if isinstance(padding, str) else
-           all(tuple(p) == (0, 0) for p in padding))
-  nhwc = lhs.ndim == 4 and dimension_numbers is not None and (
-      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                        ('NHWC', 'HWIO', 'NHWC')))
-  extra = {k: v for k, v in kwargs.items() if v is not None}
-  if not (plain and valid and nhwc and feature_group_count == 1
-          and set(extra) <= {'precision'}):
+  if not _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
+                           rhs_dilation, dimension_numbers,
+                           feature_group_count, kwargs):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -79,6 +93,74 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return y.reshape(b, oh, ow, cout)
 
 
+def _conv_valid(x, w, precision=None):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), 'VALID',
+                                      dimension_numbers=_NHWC,
+                                      precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_nhwc_grads(x, w, precision):
+  return _conv_valid(x, w, precision)
+
+
+def _conv_nhwc_grads_fwd(x, w, precision):
+  return _conv_valid(x, w, precision), (x, w)
+
+
+def _conv_nhwc_grads_bwd(precision, res, dy):
+  x, w = res
+  kh, kw, _, _ = w.shape
+  # Kernel gradient: channels as the batch, the batch as the features,
+  # the output gradient as the window: (Cin, H, W, B) * (OH, OW, B, Cout).
+  dw = _conv_valid(jnp.transpose(x, (3, 1, 2, 0)),
+                   jnp.transpose(dy, (1, 2, 0, 3)), precision)
+  # Input gradient: the full convolution of dy with the flipped kernel,
+  # its input and output channels swapped.
+  dx = jax.lax.conv_general_dilated(
+      dy, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), (1, 1),
+      [(kh - 1, kh - 1), (kw - 1, kw - 1)], dimension_numbers=_NHWC,
+      precision=precision)
+  return dx, jnp.transpose(dw, (1, 2, 0, 3))
+
+
+_conv_nhwc_grads.defvjp(_conv_nhwc_grads_fwd, _conv_nhwc_grads_bwd)
+
+
+def conv_nhwc_grads(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                    rhs_dilation=None, dimension_numbers=None,
+                    feature_group_count=1, **kwargs):
+  """``lax.conv_general_dilated`` whose gradients are NHWC/HWIO convolutions.
+
+  For a plain NHWC/HWIO 'VALID' convolution ``y = x * W``, the kernel
+  gradient ``dW[u, v, c, o] = Σ_{b,i,j} x[b, i+u, j+v, c] dy[b, i, j, o]``
+  is computed as the 'VALID' convolution of ``x`` with channels and batch
+  swapped, ``(C, H, W, B)``, by ``dy`` as the kernel, ``(OH, OW, B, O)``;
+  the input gradient as the fully padded convolution of ``dy`` with the
+  spatially flipped kernel, its channel axes swapped. These are the same
+  sums as JAX's transpose rules, written in the canonical layout.
+
+  Why: JAX's transposed convolutions carry permuted dimension labels
+  (``f01b_i01o->01bf`` for the kernel gradient). XLA:CPU brings them into
+  its fast (Eigen) form in a top-level program but, on this CPU and jax
+  0.10.2, not inside a ``lax.scan``/``while`` body, where they run in its
+  generic loop emitter: a scanned MultiMNIST step took 133 ms against 44 ms
+  per call. In this form the scanned step takes 35 ms (BENCHMARKS.md,
+  "Epoch structure on XLA:CPU"). Values and gradients are tested against
+  ``lax.conv_general_dilated``; anything but a plain NHWC/HWIO 'VALID'
+  convolution goes to it unchanged. For ``nnx.Conv(...,
+  conv_general_dilated=conv_nhwc_grads)``.
+  """
+  if not _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
+                           rhs_dilation, dimension_numbers,
+                           feature_group_count, kwargs):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, **kwargs)
+  return _conv_nhwc_grads(lhs, rhs, kwargs.get('precision'))
+
+
 class Encoder(nnx.Module):
   """The shared LeNet trunk: ``(B, 28, 28, 1) -> (B, 50)``."""
 
@@ -88,7 +170,9 @@ class Encoder(nnx.Module):
     # One input channel: as a matrix product (see conv_as_matmul).
     self.conv1 = nnx.Conv(1, 10, (5, 5), padding='VALID', rngs=rngs,
                           conv_general_dilated=conv_as_matmul)
-    self.conv2 = nnx.Conv(10, 20, (5, 5), padding='VALID', rngs=rngs)
+    # Gradients in the canonical layout (see conv_nhwc_grads).
+    self.conv2 = nnx.Conv(10, 20, (5, 5), padding='VALID', rngs=rngs,
+                          conv_general_dilated=conv_nhwc_grads)
     # Channel dropout (PyTorch's Dropout2d): one mask per (example, channel).
     self.dropout = nnx.Dropout(0.5, broadcast_dims=(1, 2))
     self.fc = nnx.Linear(320, rep_dim, rngs=rngs)
