@@ -43,6 +43,31 @@ CASES = [(a, 'mgda_ub') for a in NN_ARCHS] + [('cross_stitch', 'mgda'),
 MRN_WEIGHT = 30.0   # large enough that leaving the prior out shows
 
 
+@pytest.mark.parametrize('arch', ['cross_stitch', 'ple'])
+def test_the_cpu_default_chunk_records_what_a_step_per_call_records(
+    arch, data, tmp_path):
+  """Architectures other than MTAN scan steps on CPU (``cpu_chunk``); that
+  must train exactly as one compiled step per call: the same records."""
+  assert train.experiment_for(arch_cfg(arch)).cpu_chunk == 15
+  assert train.experiment_for(arch_cfg('mtan')).cpu_chunk == 1
+  records = {}
+  for chunk in (0, 1):  # 0: the default, 15 (4 batches: chunks of 4)
+    workdir = tmp_path / str(chunk)
+    train.train_and_evaluate(arch_cfg(arch, chunk=chunk,
+                                      max_train_examples=128),
+                             str(workdir), data, log=lambda _: None)
+    with open(workdir / 'metrics.jsonl') as f:
+      records[chunk] = [json.loads(line) for line in f]
+    for r in records[chunk]:
+      r.pop('seconds')
+  for a, b in zip(records[0], records[1]):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_allclose(np.asarray(a[key], float),
+                                 np.asarray(b[key], float), rtol=1e-6,
+                                 atol=1e-7, err_msg=key)
+
+
 @pytest.mark.parametrize('arch,method', CASES)
 def test_an_epoch_is_the_documented_loop_on_every_architecture(arch, method,
                                                                data, tmp_path):

@@ -92,8 +92,8 @@ def base_config() -> config_dict.ConfigDict:
   c.max_consecutive_nonfinite = 100
   # Steps per compiled call (a lax.scan when > 1); the largest divisor of
   # the batches per epoch not above it is used. 0: automatic: on CPU the
-  # experiment's Experiment.cpu_chunk (MultiMNIST 15; 1 where XLA:CPU runs
-  # the step slower inside a loop), 15 elsewhere.
+  # experiment's Experiment.cpu_chunk (MultiMNIST 15, but 1 for MTAN; 1
+  # where XLA:CPU runs the step slower inside a loop), 15 elsewhere.
   c.chunk = 0
   # Data parallelism: shard each batch over this many devices (a 'data'
   # mesh axis under jax.jit; parameters replicated). 1: one device; 0: all.
@@ -141,7 +141,7 @@ FIELD_HELP = {
     'max_consecutive_nonfinite': 'non-finite steps skipped in a row before '
                                  'the NaN goes through',
     'chunk': 'steps per compiled call (0: on CPU the experiment\'s default, '
-             'MultiMNIST 15, else 1; 15 elsewhere)',
+             'MultiMNIST 15 (MTAN 1), else 1; 15 elsewhere)',
     'devices': 'data-parallel devices (0: all visible)',
     'input': 'where batches are gathered: device (the training set on the '
              'devices), host (each process puts only its own rows of each '
