@@ -52,6 +52,7 @@ bench: $(VENV)/.stamp-experiments+test+bench
 	$(PY) -m benchmarks.bench_nn
 	$(PY) -m benchmarks.bench_nn --parts multimnist
 	$(PY) -m benchmarks.bench_epoch --methods mgda_ub
+	$(MAKE) bench-peers
 
 # The Performance issue's GPU figures, for a lent GPU machine (no registry
 # there): `make gpu-wheels` here, then run `bash benchmarks/gpu.sh` there
