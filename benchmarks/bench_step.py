@@ -247,7 +247,8 @@ def _scan(args):
                                           which=('uniform', 'mgda_ub'))
     per_call = time_steps(steps, params, x, labels, args.repeats)
     for m, (fn, opt_state) in steps.items():
-      scanned = scanned_seconds(fn, params, opt_state, x, labels)
+      scanned = scanned_seconds(fn, params, opt_state, x, labels,
+                                repeats=max(3, args.repeats // 6))
       print(f'  {name:16s} {m:8s}: per call {per_call[m] * 1e3:8.2f} ms, '
             f'scanned {scanned * 1e3:8.2f} ms per step, scanned / per call '
             f'{scanned / per_call[m]:.2f}', flush=True)

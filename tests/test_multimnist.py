@@ -279,8 +279,9 @@ def test_an_epoch_is_the_documented_loop(data, tmp_path):
 def test_the_cpu_default_chunk_records_what_a_step_per_call_records(
     method, data, tmp_path):
   """MultiMNIST scans 15 steps per call on CPU (``cpu_chunk``), which must
-  train exactly as a Python loop over one compiled step: the same losses,
-  weights and accuracies in every epoch's record."""
+  train as a Python loop over one compiled step does: the same losses,
+  weights and accuracies in every epoch's record (to 1e-6; bitwise on the
+  development machine)."""
   assert train.EXPERIMENT.cpu_chunk == 15
   records = {}
   for chunk in (0, 1):  # 0: the default, 15 here (8 batches: chunks of 8)
@@ -291,8 +292,9 @@ def test_the_cpu_default_chunk_records_what_a_step_per_call_records(
       records[chunk] = [json.loads(line) for line in f]
     for r in records[chunk]:
       r.pop('seconds')
-  assert records[0][0].keys() == records[1][0].keys()
+  assert len(records[0]) == len(records[1]) == 2  # cfg(): two epochs
   for a, b in zip(records[0], records[1]):
+    assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_allclose(np.asarray(a[key], float),
                                  np.asarray(b[key], float), rtol=1e-6,

@@ -336,13 +336,13 @@ def make_functions(experiment: Experiment, config, fns, method, num_tasks,
     :func:`host_batches`).
 
     A chunk of one step is a plain compiled step: XLA:CPU runs some steps
-    several times slower inside a loop (``lax.scan`` or ``fori_loop``) than
-    as a top-level program (BENCHMARKS.md), so on CPU an epoch is a Python
-    loop over one compiled step unless the experiment says otherwise
-    (``Experiment.cpu_chunk``); accelerators scan longer chunks. The same
-    holds for ``lax.cond``, so a one-step chunk takes the affinity schedule
-    from the host (``mode`` 'add' or 'skip'); a longer chunk's steps use
-    ``mode='cond'``.
+    several times slower inside a loop (``lax.scan`` or ``fori_loop``) or a
+    ``lax.cond`` than as a top-level program (BENCHMARKS.md), so on CPU an
+    epoch is a Python loop over one compiled step unless the experiment
+    says otherwise (``Experiment.cpu_chunk``); accelerators scan longer
+    chunks. A one-step chunk takes the affinity schedule from the host
+    (``mode`` 'add' or 'skip'); a longer chunk's steps use ``mode='cond'``
+    (for MultiMNIST on CPU as fast as the host schedule, or faster).
     """
     if batch_idx is None:  # the batches themselves
       xs = (inputs, labels)
@@ -476,6 +476,9 @@ def train_and_evaluate(experiment: Experiment, config: config_dict.ConfigDict,
   requested = config.chunk or (experiment.cpu_chunk
                                if jax.default_backend() == 'cpu' else 15)
   chunk = largest_divisor_at_most(n_batches, requested)
+  if chunk > 1:
+    log(f'{chunk} steps per compiled call (lax.scan; config.chunk='
+        f'{config.chunk})')
 
   key = jax.random.key(config.seed)
   init_key, data_key, step_key = jax.random.split(key, 3)

@@ -40,13 +40,16 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 def _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
                       rhs_dilation, dimension_numbers, feature_group_count,
                       kwargs) -> bool:
-  """Whether a ``conv_general_dilated`` call is a plain NHWC/HWIO 'VALID'
-  convolution: unit strides and dilations, one group, no option but
-  ``precision``."""
-  ones = lambda t: t is None or all(d == 1 for d in t)
+  """Whether a call is a plain 2-D NHWC/HWIO 'VALID' convolution.
+
+  Unit strides and dilations (two of each), one group, no option but
+  ``precision``; anything else (including malformed arguments, which
+  ``lax`` then rejects) is not.
+  """
+  ones = lambda t: t is None or (len(t) == 2 and all(d == 1 for d in t))
   plain = ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
   valid = (padding == 'VALID' if isinstance(padding, str) else
-           all(tuple(p) == (0, 0) for p in padding))
+           len(padding) == 2 and all(tuple(p) == (0, 0) for p in padding))
   nhwc = lhs.ndim == 4 and dimension_numbers is not None and (
       jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
@@ -144,12 +147,20 @@ def conv_nhwc_grads(lhs, rhs, window_strides, padding, lhs_dilation=None,
   (``f01b_i01o->01bf`` for the kernel gradient). XLA:CPU brings them into
   its fast (Eigen) form in a top-level program but, on this CPU and jax
   0.10.2, not inside a ``lax.scan``/``while`` body, where they run in its
-  generic loop emitter: a scanned MultiMNIST step took 133 ms against 44 ms
-  per call. In this form the scanned step takes 35 ms (BENCHMARKS.md,
+  generic loop emitter: a scanned MultiMNIST step took 131 ms against 42 ms
+  per call. In this form the scanned step takes 33 ms (BENCHMARKS.md,
   "Epoch structure on XLA:CPU"). Values and gradients are tested against
   ``lax.conv_general_dilated``; anything but a plain NHWC/HWIO 'VALID'
   convolution goes to it unchanged. For ``nnx.Conv(...,
   conv_general_dilated=conv_nhwc_grads)``.
+
+  Reverse mode only (a custom VJP): ``jax.grad``, ``jax.jacrev``, ``vmap``
+  and gradients of gradients work; ``jax.jvp``, ``jax.linearize`` and
+  ``jax.jacfwd`` raise. Nothing in this project uses forward mode.
+
+  References:
+    The two sums are those of JAX's transpose rules of
+    ``conv_general_dilated`` (``jax/_src/lax/convolution.py``).
   """
   if not _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
                            rhs_dilation, dimension_numbers,
@@ -196,12 +207,16 @@ def dense_on_copies(zs: jax.Array, w: jax.Array) -> jax.Array:
   is ``(K, D, H)``. The forward pass and the kernel's gradient read the first
   copy only and run as single matrix products, ``(B, D) @ (D, K H)`` and
   ``Zᵀ (B, K H)``; the gradient w.r.t. copy ``t`` is task ``t``'s own,
-  ``dh[t] @ w[t]ᵀ``. At ``K = 256`` (batch 256, ``D = H = 50``) this makes
-  MGDA-UB's step about 8 ms faster on XLA:CPU than the batched per-copy
-  products (BENCHMARKS.md, "Where MGDA-UB's time goes at K = 256").
+  ``dh[t] @ w[t]ᵀ``. At ``K = 256`` (batch 256, ``D = H = 50``) MGDA-UB's
+  step took 103.2 ms against 116.8 ms with the batched per-copy products,
+  in one rotation on XLA:CPU (BENCHMARKS.md, "Where MGDA-UB's time goes at
+  K = 256").
 
   Only valid for identical copies: with distinct ``zs[t]`` the forward value
-  is ``zs[0] @ w[t]``. Hence opt-in (``StackedHeads(..., fuse_copies=True)``).
+  is ``zs[0] @ w[t]``, while the VJP is the per-copy function's (so a
+  finite-difference check w.r.t. one copy alone fails by design). Hence
+  opt-in (``StackedHeads(..., fuse_copies=True)``). Reverse mode only (a
+  custom VJP).
   """
   k, d, h = w.shape
   z = zs[0]
@@ -219,7 +234,7 @@ def _dense_on_copies_bwd(res, dh):
   dzs = jnp.einsum('kbh,kdh->kbd', dh, w)
   dw = (z.T @ dh.transpose(1, 0, 2).reshape(z.shape[0], k * h)).reshape(
       d, k, h).transpose(1, 0, 2)
-  return dzs, dw
+  return dzs.astype(z.dtype), dw.astype(w.dtype)
 
 
 dense_on_copies.defvjp(_dense_on_copies_fwd, _dense_on_copies_bwd)

@@ -126,7 +126,7 @@ def experiment_for(config) -> trainer.Experiment:
       eval_metrics=architectures.eval_metrics,
       shared=architectures.shared_mask(config, names),
       regularizer=architectures.regularizer,
-      # MTAN's step (BatchNorm, 1x1 and padded convolutions) runs 4.5x
+      # MTAN's step (LayerNorm, 1x1 and padded convolutions) runs 4.5x
       # slower inside lax.scan on XLA:CPU: a step per call. The others
       # scan as fast or faster, with the same records (BENCHMARKS.md).
       cpu_chunk=1 if a.name == 'mtan' else 15)

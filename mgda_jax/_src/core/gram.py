@@ -95,7 +95,7 @@ def gram_matrix(task_grads) -> jax.Array:
     if leaf.ndim != 2 and out_sharding is None:
       # One (K, n) x (n, K) matrix product: a reshape of a row-major leaf is
       # free, and XLA:CPU runs a product contracting several axes at once
-      # 1.3-2.5x slower (BENCHMARKS.md, "Where MGDA-UB's time goes at
+      # 1.3-2.6x slower (BENCHMARKS.md, "Where MGDA-UB's time goes at
       # K = 256"). A leaf sharded on an Explicit mesh keeps its axes, so
       # that its sharding needs no reshape rule.
       leaf = leaf.reshape(k, -1)

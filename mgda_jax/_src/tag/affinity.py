@@ -362,11 +362,12 @@ def affinity_average(every: int = 1) -> AffinityAverage:
   affinity, e.g. ``lambda: lookahead_affinity(...).affinity``) on steps
   ``0, every, 2 every, ...``. With ``every > 1`` it does so under
   ``jax.lax.cond``, so that the other steps do not compute it. On XLA:CPU a
-  computation inside ``lax.cond`` (as inside ``lax.scan``) runs several
-  times slower than at the top level (8x for a MultiLeNet lookahead,
-  ``BENCHMARKS.md``); there, keep the schedule on the host: compile one
-  step that calls ``add(state, affinity)`` and one that calls
-  ``skip(state)``, and pick by the step number (or ``due(state)``).
+  computation inside ``lax.cond`` (as inside ``lax.scan``) can run several
+  times slower than at the top level (8x for a MultiLeNet lookahead whose
+  convolution gradients XLA:CPU did not bring into its fast layout inside
+  the branch; ``BENCHMARKS.md``). For such a model keep the schedule on the
+  host: compile one step that calls ``add(state, affinity)`` and one that
+  calls ``skip(state)``, and pick by the step number (or ``due(state)``).
 
   An affinity with a non-finite entry is not added; it is counted in
   ``skipped``. Read the epoch's mean with :func:`epoch_affinity`, then
