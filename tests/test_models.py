@@ -64,6 +64,23 @@ def test_conv_as_matmul_equals_the_convolution_with_gradients():
     np.testing.assert_allclose(g_ours[1], g_ref[1], rtol=1e-4, atol=1e-5)
 
 
+def _guard_case(case, cout):
+  """A (2, 9, 9, 3) input, a 3x3 kernel and conv_general_dilated's arguments
+  with one of them changed by ``case`` (``w_cin``: the kernel's input
+  channels, for grouped convolutions; NCHW/OIHW cases get transposed
+  arrays)."""
+  case = dict(case)
+  cin = case.pop('w_cin', 3)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+  kwargs = {'window_strides': (1, 1), 'padding': 'VALID',
+            'dimension_numbers': jax.lax.conv_dimension_numbers(
+                x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC')), **case}
+  if case.get('dimension_numbers') == ('NCHW', 'OIHW', 'NCHW'):
+    x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
+  return x, w, kwargs.pop('window_strides'), kwargs.pop('padding'), kwargs
+
+
 @pytest.mark.parametrize('case, product', [
     ({}, True),
     ({'padding': ((0, 0), (0, 0))}, True),
@@ -79,15 +96,7 @@ def test_conv_as_matmul_equals_the_convolution_with_gradients():
 def test_conv_as_matmul_takes_the_product_only_where_it_applies(case,
                                                                 product):
   """One condition per case; either way the convolution's values."""
-  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
-  kwargs = {'window_strides': (1, 1), 'padding': 'VALID',
-            'dimension_numbers': jax.lax.conv_dimension_numbers(
-                x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC')), **case}
-  if case.get('dimension_numbers') == ('NCHW', 'OIHW', 'NCHW'):
-    x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
-  strides = kwargs.pop('window_strides')
-  padding = kwargs.pop('padding')
+  x, w, strides, padding, kwargs = _guard_case(case, cout=4)
   ours = lambda x, w: models.conv_as_matmul(x, w, strides, padding, **kwargs)
   ref = jax.lax.conv_general_dilated(x, w, strides, padding, **kwargs)
   assert _has_conv(ours, x, w) != product
@@ -159,17 +168,7 @@ def test_conv_nhwc_grads_equals_the_convolution_with_gradients(cin, kernel,
 def test_conv_nhwc_grads_applies_only_to_plain_valid_nhwc(case, custom):
   """One condition per case; either way the convolution's values and
   gradients."""
-  case = dict(case)
-  cin = case.pop('w_cin', 3)
-  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
-  w = jax.random.normal(jax.random.key(1), (3, 3, cin, 6))
-  kwargs = {'window_strides': (1, 1), 'padding': 'VALID',
-            'dimension_numbers': jax.lax.conv_dimension_numbers(
-                x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC')), **case}
-  if case.get('dimension_numbers') == ('NCHW', 'OIHW', 'NCHW'):
-    x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
-  strides = kwargs.pop('window_strides')
-  padding = kwargs.pop('padding')
+  x, w, strides, padding, kwargs = _guard_case(case, cout=6)
   ours = lambda x, w: jnp.sum(jnp.sin(models.conv_nhwc_grads(
       x, w, strides, padding, **kwargs)))
   ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(

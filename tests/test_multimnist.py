@@ -283,16 +283,25 @@ def test_the_cpu_default_chunk_records_what_a_step_per_call_records(
   weights and accuracies in every epoch's record (to 1e-6; bitwise on the
   development machine)."""
   assert train.EXPERIMENT.cpu_chunk == 15
+  # 0: the default, 15 here (8 batches: chunks of 8); cfg(): two epochs.
+  assert_same_records(lambda chunk: cfg(method=method, chunk=chunk), data,
+                      tmp_path, epochs=2)
+
+
+def assert_same_records(config_for_chunk, data, tmp_path, epochs):
+  """Trains ``config_for_chunk(0)`` (the default chunk) and
+  ``config_for_chunk(1)``; their ``epochs`` records must agree in every
+  field but the seconds (to 1e-6)."""
   records = {}
-  for chunk in (0, 1):  # 0: the default, 15 here (8 batches: chunks of 8)
+  for chunk in (0, 1):
     workdir = tmp_path / str(chunk)
-    train.train_and_evaluate(cfg(method=method, chunk=chunk), str(workdir),
-                             data, log=lambda _: None)
+    train.train_and_evaluate(config_for_chunk(chunk), str(workdir), data,
+                             log=lambda _: None)
     with open(workdir / 'metrics.jsonl') as f:
       records[chunk] = [json.loads(line) for line in f]
     for r in records[chunk]:
       r.pop('seconds')
-  assert len(records[0]) == len(records[1]) == 2  # cfg(): two epochs
+  assert len(records[0]) == len(records[1]) == epochs
   for a, b in zip(records[0], records[1]):
     assert a.keys() == b.keys()
     for key in a:

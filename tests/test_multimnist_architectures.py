@@ -19,6 +19,7 @@ from experiments.multimnist import input_pipeline as ip
 from experiments.multimnist import models
 from experiments.multimnist import reproduce_architectures
 from experiments.multimnist import train
+from test_multimnist import assert_same_records
 from test_multimnist import cfg
 from test_multimnist import fake_mnist
 
@@ -51,23 +52,10 @@ def test_the_cpu_default_chunk_records_what_a_step_per_call_records(
   1e-6; bitwise on the development machine)."""
   assert train.experiment_for(arch_cfg(arch)).cpu_chunk == 15
   assert train.experiment_for(arch_cfg('mtan')).cpu_chunk == 1
-  records = {}
-  for chunk in (0, 1):  # 0: the default, 15 (4 batches: chunks of 4)
-    workdir = tmp_path / str(chunk)
-    train.train_and_evaluate(arch_cfg(arch, chunk=chunk,
-                                      max_train_examples=128),
-                             str(workdir), data, log=lambda _: None)
-    with open(workdir / 'metrics.jsonl') as f:
-      records[chunk] = [json.loads(line) for line in f]
-    for r in records[chunk]:
-      r.pop('seconds')
-  assert len(records[0]) == len(records[1]) == 1  # arch_cfg(): one epoch
-  for a, b in zip(records[0], records[1]):
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_allclose(np.asarray(a[key], float),
-                                 np.asarray(b[key], float), rtol=1e-6,
-                                 atol=1e-7, err_msg=key)
+  # 0: the default, 15 (4 batches: chunks of 4); arch_cfg(): one epoch.
+  assert_same_records(
+      lambda chunk: arch_cfg(arch, chunk=chunk, max_train_examples=128),
+      data, tmp_path, epochs=1)
 
 
 @pytest.mark.parametrize('arch,method', CASES)

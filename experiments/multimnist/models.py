@@ -58,6 +58,15 @@ def _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
           and set(extra) <= {'precision'})
 
 
+def _lax_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+              dimension_numbers, feature_group_count, kwargs):
+  """``lax.conv_general_dilated`` with the wrappers' arguments unchanged."""
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, **kwargs)
+
+
 def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    rhs_dilation=None, dimension_numbers=None,
                    feature_group_count=1, **kwargs):
@@ -78,13 +87,10 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None,
   options) goes to ``lax.conv_general_dilated``. For ``nnx.Conv(...,
   conv_general_dilated=conv_as_matmul)``.
   """
-  if not _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
-                           rhs_dilation, dimension_numbers,
-                           feature_group_count, kwargs):
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, **kwargs)
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count, kwargs)
+  if not _plain_nhwc_valid(*args):
+    return _lax_conv(*args)
   kh, kw, cin, cout = rhs.shape
   b, h, w, _ = lhs.shape
   oh, ow = h - kh + 1, w - kw + 1
@@ -162,13 +168,10 @@ def conv_nhwc_grads(lhs, rhs, window_strides, padding, lhs_dilation=None,
     The two sums are those of JAX's transpose rules of
     ``conv_general_dilated`` (``jax/_src/lax/convolution.py``).
   """
-  if not _plain_nhwc_valid(lhs, rhs, window_strides, padding, lhs_dilation,
-                           rhs_dilation, dimension_numbers,
-                           feature_group_count, kwargs):
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, **kwargs)
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count, kwargs)
+  if not _plain_nhwc_valid(*args):
+    return _lax_conv(*args)
   return _conv_nhwc_grads(lhs, rhs, kwargs.get('precision'))
 
 
